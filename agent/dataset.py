@@ -1,0 +1,187 @@
+"""The NPZ dataset format used by every command that takes ``--data``.
+
+An ``.npz`` file, loaded with ``allow_pickle=False``:
+
+=================  ==========================================================
+key                meaning
+=================  ==========================================================
+``X``              float ``(N, C, T)`` windows or ``(N, F)`` feature vectors
+``y``              ``(N,)`` integer or string labels
+``X_test``         optional, same layout as ``X`` (else a seeded stratified split)
+``y_test``         optional, required with ``X_test``
+``classes``        optional ``(K,)`` strings; integer ``y`` indexes it
+``channels``       optional ``(C,)`` strings
+``sample_rate_hz`` optional scalar
+=================  ==========================================================
+
+Labels are normalised to integer indices into ``classes`` (strings). A file that breaks
+the format raises DatasetError whose one-line message names the key, shape or dtype.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from agent.errors import DatasetError
+
+KNOWN_KEYS = {"X", "y", "X_test", "y_test", "classes", "channels", "sample_rate_hz"}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    X: np.ndarray  # (N, C, T) or (N, F) float32
+    y: np.ndarray  # (N,) int64 indices into classes
+    X_test: np.ndarray
+    y_test: np.ndarray
+    classes: tuple[str, ...]
+    channels: tuple[str, ...] | None
+    sample_rate_hz: float | None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.X.shape[1:])
+
+
+def _as_strings(arr: np.ndarray, key: str) -> tuple[str, ...]:
+    if arr.ndim != 1:
+        raise DatasetError(f"{key}: expected a 1-D array of strings, got shape {arr.shape}")
+    if arr.dtype.kind not in "US":
+        raise DatasetError(f"{key}: expected strings, got dtype {arr.dtype}")
+    out = tuple(str(s.decode() if isinstance(s, bytes) else s) for s in arr.tolist())
+    if any(not s for s in out):
+        raise DatasetError(f"{key}: contains an empty string")
+    return out
+
+
+def _check_X(X: np.ndarray, key: str) -> np.ndarray:
+    if X.dtype.kind not in "fiu":
+        raise DatasetError(f"{key}: expected a float array, got dtype {X.dtype}")
+    if X.ndim not in (2, 3):
+        raise DatasetError(f"{key}: expected shape (N, C, T) or (N, F), got {X.shape}")
+    if X.shape[0] == 0 or any(d == 0 for d in X.shape[1:]):
+        raise DatasetError(f"{key}: has an empty dimension, shape {X.shape}")
+    X = X.astype(np.float32)
+    bad = ~np.isfinite(X)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise DatasetError(f"{key}: contains NaN/Inf (first at index {idx})")
+    return X
+
+
+def _labels(y: np.ndarray, key: str, n: int, classes: tuple[str, ...] | None
+            ) -> tuple[np.ndarray, tuple[str, ...]]:
+    if y.ndim != 1 or y.shape[0] != n:
+        raise DatasetError(f"{key}: expected shape ({n},), got {y.shape}")
+    if y.dtype.kind in "iu":
+        y = y.astype(np.int64)
+        if classes is None:
+            if y.min() < 0:
+                raise DatasetError(f"{key}: negative label {int(y.min())} (no 'classes' given)")
+            classes = tuple(str(i) for i in range(int(y.max()) + 1))
+        bad = (y < 0) | (y >= len(classes))
+        if bad.any():
+            raise DatasetError(
+                f"{key}: label {int(y[bad][0])} outside 0..{len(classes) - 1} (len(classes)={len(classes)})")
+        return y, classes
+    if y.dtype.kind in "US":
+        names = _as_strings(y, key)
+        if classes is None:
+            classes = tuple(sorted(set(names)))
+        index = {c: i for i, c in enumerate(classes)}
+        unknown = sorted(set(names) - set(index))
+        if unknown:
+            raise DatasetError(f"{key}: label(s) {unknown[:5]} not in classes")
+        return np.array([index[s] for s in names], dtype=np.int64), classes
+    raise DatasetError(f"{key}: expected integer or string labels, got dtype {y.dtype}")
+
+
+def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(train, test)``: each class keeps ~``test_fraction`` of its rows for test."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(y):
+        rows = np.flatnonzero(y == c)
+        rng.shuffle(rows)
+        n_test = int(round(len(rows) * test_fraction))
+        if len(rows) >= 2:
+            n_test = min(max(n_test, 1), len(rows) - 1)
+        else:
+            n_test = 0
+        test.append(rows[:n_test])
+        train.append(rows[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def load_dataset(path: str | Path, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """Load and validate an NPZ dataset; raise DatasetError with a one-line reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except ValueError as exc:  # object arrays need pickle: refused
+        raise DatasetError(f"{path}: cannot load without pickle ({exc})") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise DatasetError(f"{path}: not a readable .npz file ({exc})") from None
+    for key in ("X", "y"):
+        if key not in arrays:
+            raise DatasetError(f"{path}: missing key {key!r} (found {sorted(arrays)})")
+    unknown = sorted(set(arrays) - KNOWN_KEYS)
+    if unknown:
+        raise DatasetError(f"{path}: unknown key(s) {unknown} (known: {sorted(KNOWN_KEYS)})")
+
+    classes = _as_strings(arrays["classes"], "classes") if "classes" in arrays else None
+    if classes is not None and len(set(classes)) != len(classes):
+        raise DatasetError("classes: contains duplicates")
+    X = _check_X(arrays["X"], "X")
+    y, classes = _labels(arrays["y"], "y", X.shape[0], classes)
+
+    if ("X_test" in arrays) != ("y_test" in arrays):
+        raise DatasetError("X_test and y_test must be given together")
+    if "X_test" in arrays:
+        X_test = _check_X(arrays["X_test"], "X_test")
+        if X_test.shape[1:] != X.shape[1:]:
+            raise DatasetError(f"X_test: shape {X_test.shape} does not match X {X.shape} after N")
+        y_test, classes2 = _labels(arrays["y_test"], "y_test", X_test.shape[0], classes)
+        if classes2 != classes:
+            raise DatasetError("y_test: labels not in the classes of y")
+    else:
+        tr, te = stratified_split(y, test_fraction, seed)
+        X, X_test, y, y_test = X[tr], X[te], y[tr], y[te]
+
+    channels = None
+    if "channels" in arrays:
+        channels = _as_strings(arrays["channels"], "channels")
+        n_ch = X.shape[1]
+        if len(channels) != n_ch:
+            raise DatasetError(f"channels: {len(channels)} names but X has {n_ch} channels (axis 1)")
+    rate = None
+    if "sample_rate_hz" in arrays:
+        r = arrays["sample_rate_hz"]
+        if r.shape != () or r.dtype.kind not in "fiu" or not np.isfinite(r) or float(r) <= 0:
+            raise DatasetError(f"sample_rate_hz: expected a positive scalar, got {r!r}")
+        rate = float(r)
+    return Dataset(X, y, X_test, y_test, classes, channels, rate)
+
+
+def save_dataset(path: str | Path, X: np.ndarray, y: np.ndarray, *, classes=None, channels=None,
+                 sample_rate_hz: float | None = None, X_test=None, y_test=None) -> Path:
+    """Write a dataset in the NPZ format (strings as fixed-width unicode, no pickle)."""
+    arrays: dict[str, np.ndarray] = {"X": np.asarray(X, np.float32), "y": np.asarray(y)}
+    if X_test is not None:
+        arrays["X_test"] = np.asarray(X_test, np.float32)
+        arrays["y_test"] = np.asarray(y_test)
+    if classes is not None:
+        arrays["classes"] = np.asarray([str(c) for c in classes])
+    if channels is not None:
+        arrays["channels"] = np.asarray([str(c) for c in channels])
+    if sample_rate_hz is not None:
+        arrays["sample_rate_hz"] = np.asarray(float(sample_rate_hz))
+    path = Path(path)
+    np.savez_compressed(path, **arrays)
+    return path if path.suffix == ".npz" else path.with_suffix(path.suffix + ".npz")

@@ -1,0 +1,76 @@
+"""onnxruntime sessions set up for small devices, and the bundle's classifier.
+
+Small boards have 2-4 cores that the agent shares with everything else: one intra-op
+thread by default, sequential execution, and thread spinning off (a spinning pool keeps
+an idle core at 100%).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from agent.bundle import Bundle
+from agent.errors import BundleError
+
+
+def make_session(model_path: Path, *, threads: int = 1):
+    """An onnxruntime CPU session: `threads` intra-op threads, no spinning, all graph optimizations."""
+    import onnxruntime as ort
+
+    if threads < 1:
+        raise ValueError(f"threads={threads}, expected >= 1")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise BundleError(f"{model_path}: onnxruntime cannot load it ({exc})") from None
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class Classifier:
+    """The bundle's whole model (``model.onnx``): raw windows in, class probabilities out.
+
+    >>> clf = Classifier(load_bundle("bundle/"))          # doctest: +SKIP
+    >>> clf.predict_proba(np.zeros((1, 6, 128), "f4"))    # doctest: +SKIP
+    """
+
+    def __init__(self, bundle: Bundle, *, threads: int = 1):
+        self.bundle = bundle
+        self.session = make_session(bundle.file("model.onnx"), threads=threads)
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        self.input_name = inputs[0].name
+        self.output_name = outputs[0].name
+        shape = inputs[0].shape  # e.g. ['batch', 6, 128]
+        static = tuple(d for d in shape[1:])
+        if any(isinstance(d, int) for d in static) and static != bundle.input.shape:
+            raise BundleError(
+                f"{bundle.path}: model.onnx input shape {shape} does not match the manifest's "
+                f"input.shape {list(bundle.input.shape)}")
+        # Warm up: the first run pays for allocations and kernel selection.
+        self.predict_proba(np.zeros((1, *bundle.input.shape), dtype=np.float32))
+
+    def predict_proba(self, windows: np.ndarray) -> np.ndarray:
+        """``windows`` (B, *input.shape) float32 -> probabilities (B, K)."""
+        if windows.shape[1:] != self.bundle.input.shape:
+            raise ValueError(
+                f"window shape {windows.shape[1:]}, expected {self.bundle.input.shape}")
+        (logits,) = self.session.run([self.output_name], {self.input_name: windows})
+        if logits.shape != (windows.shape[0], len(self.bundle.classes)):
+            raise BundleError(
+                f"model.onnx returned shape {logits.shape}, expected "
+                f"({windows.shape[0]}, {len(self.bundle.classes)})")
+        return softmax(logits.astype(np.float64))
