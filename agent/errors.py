@@ -31,3 +31,7 @@ class ProtocolError(ReverieError):
 
 class BrokerError(ReverieError):
     """The MQTT broker cannot be reached or started."""
+
+
+class StateError(ReverieError):
+    """On-disk state (checkpoint, write-ahead log) cannot be written, or is damaged."""

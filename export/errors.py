@@ -1,0 +1,7 @@
+"""Errors raised only by `export` (the shared hierarchy lives in `agent.errors`)."""
+
+from agent.errors import ReverieError
+
+
+class VerifyError(ReverieError):
+    """A bundle loads but fails a check: ONNX validity, weights, or torch/ONNX parity."""

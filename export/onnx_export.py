@@ -1,0 +1,159 @@
+"""Export a trained model to ONNX and write a bundle directory atomically.
+
+The bundle is built in a hidden sibling directory (``.NAME.partial-XXXX``) and renamed
+into place at the end, so the output path holds either nothing, the old bundle, or the
+complete new one; never a half-written one.
+
+torch 2.13 defaults to the torch.export-based ("dynamo") exporter, which needs
+``onnxscript``; the ``train`` extra declares only torch and onnx, so we use the
+TorchScript exporter (``dynamo=False``), which needs nothing else and handles these
+plain feed-forward graphs well.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+import agent
+from agent.bundle import MANIFEST, write_manifest
+from agent.dataset import Dataset
+from agent.errors import BundleError, ConfigError
+from export.model import ReverieNet
+from export.train import TrainConfig
+from export.weights import WEIGHTS, save_weights
+
+MODEL = "model.onnx"
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+OPSET = 17
+
+
+def export_onnx(model: ReverieNet, path: Path, opset: int = OPSET) -> None:
+    """Write ``model`` (eval mode) as ONNX: ``input`` (batch, *input_shape) -> ``logits``."""
+    model.eval()
+    example = torch.zeros((2, *model.cfg.input_shape))  # (B, C, T) or (B, F)
+    with warnings.catch_warnings():
+        # The TorchScript exporter announces its own deprecation on every call.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        torch.onnx.export(
+            model, (example,), str(path), dynamo=False, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            do_constant_folding=True)
+
+
+def build_manifest(*, name: str, model: ReverieNet, ds: Dataset, train_cfg: TrainConfig,
+                   metrics: dict[str, Any], dataset_info: dict[str, Any] | None = None,
+                   opset: int = OPSET) -> dict[str, Any]:
+    """Everything the manifest says except ``format_version`` and ``files``."""
+    cfg = model.cfg
+    return {
+        "name": name,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "input": {
+            "shape": list(cfg.input_shape),
+            "channels": list(ds.channels) if ds.channels is not None else None,
+            "sample_rate_hz": ds.sample_rate_hz,
+        },
+        "normalization": {
+            "per": "channel" if len(cfg.input_shape) == 2 else "feature",
+            "mean": [float(v) for v in model.normalize.mean.reshape(-1).tolist()],
+            "std": [float(v) for v in model.normalize.std.reshape(-1).tolist()],
+            "baked_into_graph": True,
+        },
+        "classes": list(ds.classes),
+        "latent_dim": cfg.latent_dim,
+        "arch": cfg.to_dict(),
+        "onnx": {"input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "opset": opset,
+                 "exporter": "torchscript"},
+        "versions": {
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "reverie": agent.__version__,
+            "python": platform.python_version(),
+        },
+        "training": {"metrics": metrics, "config": train_cfg.to_dict(),
+                     "dataset": dataset_info or {}},
+    }
+
+
+def check_output_dir(out_dir: Path, force: bool) -> None:
+    """Refuse an output path that is a file, or a non-empty directory without ``force``.
+
+    Even with ``force`` only an existing bundle (it has a manifest) is replaced, so a
+    mistyped ``--out`` cannot wipe an unrelated directory.
+    """
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ConfigError(f"{out_dir}: exists and is not a directory")
+    if not any(out_dir.iterdir()):
+        return
+    if not force:
+        raise ConfigError(f"{out_dir}: exists and is not empty; pass --force to replace it")
+    if not (out_dir / MANIFEST).is_file():
+        raise ConfigError(f"{out_dir}: exists and is not a bundle (no {MANIFEST}); "
+                          "refusing to replace it even with --force")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _move_into_place(staging: Path, out_dir: Path, force: bool) -> None:
+    check_output_dir(out_dir, force)  # again: the path may have changed while we trained
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / "bundle")
+        os.replace(staging, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)  # an empty directory is replaced atomically
+    _fsync(out_dir.parent)
+
+
+def write_bundle(out_dir: str | Path, model: ReverieNet, manifest: dict[str, Any], *,
+                 force: bool = False, check: Callable[[Path], object] | None = None) -> Path:
+    """Write model.onnx, weights.npz and manifest.json into ``out_dir`` atomically.
+
+    ``check(staging_dir)`` runs on the complete bundle before it is moved into place;
+    if it raises, nothing appears at ``out_dir``.
+    """
+    out_dir = Path(out_dir).absolute()
+    check_output_dir(out_dir, force)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    except OSError as exc:
+        raise BundleError(f"{out_dir}: cannot create the bundle directory ({exc})") from None
+    try:
+        os.chmod(staging, 0o755)  # mkdtemp makes it 0700
+        export_onnx(model, staging / MODEL, manifest["onnx"]["opset"])
+        save_weights(model, staging / WEIGHTS)
+        write_manifest(staging, manifest)
+        for f in staging.iterdir():
+            _fsync(f)
+        if check is not None:
+            check(staging)
+        _move_into_place(staging, out_dir, force)
+    except OSError as exc:
+        raise BundleError(f"{out_dir}: cannot write the bundle ({exc})") from None
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
