@@ -6,23 +6,39 @@ A bundle is a directory::
       manifest.json   format_version, input spec, normalization, classes, arch,
                       sha256 of every file, versions, training metrics
       model.onnx      raw window -> class logits (normalization baked into the graph)
+      manifest.sig    optional detached ed25519 signature of manifest.json (agent/signing.py);
+                      never listed in ``files``
 
 The loader checks ``format_version``, the manifest's fields and the sha256 of every
 file it lists before anything else reads those files.
+
+Signatures: when the caller configures trusted public keys, the bundle must carry a
+``manifest.sig`` that verifies over the manifest's bytes (strict mode), and must hold no
+file the manifest does not list. Without keys the signature is not checked, and an
+unlisted file only logs a warning: nothing reads it (``Bundle.file`` refuses unlisted
+names), but it should not be there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import BundleError
 
+if TYPE_CHECKING:
+    from agent.signing import PublicKey
+
+log = logging.getLogger("reverie.bundle")
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
 
@@ -62,6 +78,8 @@ class Bundle:
     input: InputSpec
     classes: tuple[str, ...]
     bundle_id: str  # first 12 hex digits of the manifest's sha256
+    manifest_sha256: str = ""
+    signed_by: str | None = None  # key id whose signature verified; None when not checked
 
     def file(self, name: str) -> Path:
         if name not in self.manifest["files"]:
@@ -92,8 +110,25 @@ def _parse_input(raw: Any, path: Path) -> InputSpec:
     return InputSpec(tuple(shape), channels, None if rate is None else float(rate))
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Load a bundle directory, verifying its manifest and every file's sha256."""
+def load_bundle(path: str | Path, *,
+                public_keys: Iterable[PublicKey | str | Path | bytes] | None = None) -> Bundle:
+    """Load a bundle directory, verifying its manifest and every file's sha256.
+
+    With ``public_keys`` (trusted ed25519 keys: any one of them may have signed, which
+    is how keys rotate; paths, key bytes or `agent.signing.PublicKey`), the bundle must
+    also be signed by one of them and contain only the files its manifest lists. The
+    manifest is read once: the bytes whose signature is checked are the bytes parsed.
+    ``None`` or an empty list: no key is configured, the signature is not checked.
+
+    >>> b = load_bundle("bundles/har", public_keys=["release.pub"])  # doctest: +SKIP
+    >>> b.signed_by                                                  # doctest: +SKIP
+    '3f9c0a1b2d4e5f60'
+    """
+    keys: tuple[PublicKey, ...] = ()
+    if public_keys is not None:
+        from agent import signing  # cryptography loads only for signed-bundle checks
+
+        keys = signing.load_public_keys(public_keys)
     path = Path(path)
     mpath = path / MANIFEST
     if not path.is_dir():
@@ -103,6 +138,7 @@ def load_bundle(path: str | Path) -> Bundle:
     raw = mpath.read_bytes()
     if len(raw) > MAX_MANIFEST_BYTES:
         raise BundleError(f"{mpath}: {len(raw)} bytes exceeds {MAX_MANIFEST_BYTES}")
+    signed_by = signing.verify_manifest(raw, path / SIGNATURE, keys) if keys else None
     try:
         manifest = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -116,9 +152,12 @@ def load_bundle(path: str | Path) -> Bundle:
     _require(isinstance(files, dict) and files, path, "'files' must map file names to hashes")
     for name, meta in files.items():
         _require(isinstance(name, str) and "/" not in name and "\\" not in name
-                 and name not in ("", ".", "..", MANIFEST), path, f"bad file name {name!r}")
+                 and name not in ("", ".", "..", MANIFEST, SIGNATURE), path,
+                 f"bad file name {name!r}")
         _require(isinstance(meta, dict) and isinstance(meta.get("sha256"), str), path,
                  f"files[{name!r}] lacks a sha256")
+    _check_unlisted(path, files, strict=bool(keys))
+    for name, meta in files.items():
         fpath = path / name
         if not fpath.is_file():
             raise BundleError(f"{path}: file {name!r} listed in the manifest is missing")
@@ -135,14 +174,36 @@ def load_bundle(path: str | Path) -> Bundle:
              and all(isinstance(c, str) and c for c in classes)
              and len(set(classes)) == len(classes), path,
              f"classes={classes!r}, expected >= 2 distinct non-empty strings")
-    return Bundle(path, manifest, spec, tuple(classes), hashlib.sha256(raw).hexdigest()[:12])
+    manifest_sha256 = hashlib.sha256(raw).hexdigest()
+    return Bundle(path, manifest, spec, tuple(classes), manifest_sha256[:12], manifest_sha256,
+                  signed_by)
+
+
+def unlisted_files(path: Path, files: dict[str, Any]) -> list[str]:
+    """Names in the bundle directory that are neither listed in ``files`` nor the manifest
+    or its signature."""
+    return sorted(p.name for p in path.iterdir()
+                  if p.name not in files and p.name not in (MANIFEST, SIGNATURE))
+
+
+def _check_unlisted(path: Path, files: dict[str, Any], strict: bool) -> None:
+    unlisted = unlisted_files(path, files)
+    if not unlisted:
+        return
+    names = ", ".join(map(repr, unlisted[:5])) + (", ..." if len(unlisted) > 5 else "")
+    if strict:
+        raise BundleError(f"{path}: {names} not listed in {MANIFEST}; "
+                          "a bundle checked against a public key may hold only the files its "
+                          f"manifest lists (and {SIGNATURE})")
+    log.warning("%s: ignoring %s, not listed in %s", path, names, MANIFEST)
 
 
 def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> Path:
-    """Fill in ``files`` (sha256 and size of every non-manifest file) and write the manifest."""
+    """Fill in ``files`` (sha256 and size of every file but the manifest and its signature)
+    and write the manifest. A ``manifest.sig`` already there no longer verifies after this."""
     files = {}
     for f in sorted(bundle_dir.iterdir()):
-        if f.is_file() and f.name != MANIFEST:
+        if f.is_file() and f.name not in (MANIFEST, SIGNATURE):
             files[f.name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
     manifest = {**manifest, "format_version": FORMAT_VERSION, "files": files}
     out = bundle_dir / MANIFEST

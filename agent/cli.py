@@ -45,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     from agent import daemon_cli
+    from agent.bench import cli as bench_cli
 
     daemon_cli.register(sub)
+    bench_cli.register(sub)
     _register_plugins(sub)
     return parser
 

@@ -62,8 +62,12 @@ class DaemonConfig:
     health_file: Path | None = None
     health_interval_s: float = 5.0
     keepalive_s: int = 30
+    public_keys: tuple[Path, ...] = ()  # trusted bundle signers; empty: signature not checked
 
     def __post_init__(self) -> None:
+        keys = self.public_keys
+        keys = (keys,) if isinstance(keys, str | Path) else keys
+        object.__setattr__(self, "public_keys", tuple(Path(p) for p in keys))
         try:
             validate_device_id(self.device_id, allow_wildcard=True)
             if self.agent_id is not None:
@@ -102,7 +106,10 @@ class Counters:
 class Daemon:
     def __init__(self, config: DaemonConfig):
         self.config = config
-        self.bundle: Bundle = load_bundle(config.bundle)
+        self.bundle: Bundle = load_bundle(config.bundle, public_keys=config.public_keys or None)
+        if self.bundle.signed_by:
+            log.info("bundle %s: signature verified (key %s)", self.bundle.bundle_id,
+                     self.bundle.signed_by)
         self.classifier = Classifier(self.bundle, threads=config.threads)
         spec = self.bundle.input
         hop = config.hop_samples or spec.window_samples

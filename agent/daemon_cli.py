@@ -47,6 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="MQTT protocol version [REVERIE_PROTOCOL, default 5]")
     p.add_argument("--health-file", default=None,
                    help="heartbeat file for `reverie health` [REVERIE_HEALTH_FILE]")
+    p.add_argument("--public-key", action="append", default=None, metavar="PATH",
+                   help="trusted ed25519 public key: the bundle must be signed by one of "
+                   "them (repeat, or separate with commas, to trust several while keys "
+                   "rotate) [REVERIE_PUBLIC_KEY]")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default=_env("LOG_FORMAT", "text"), choices=["text", "json"])
@@ -80,7 +84,12 @@ def config_from_args(args: argparse.Namespace):
         threads=args.threads if args.threads is not None else _int_env("THREADS", 1),
         protocol=args.protocol or _env("PROTOCOL", "5"),
         health_file=Path(health) if health else None,
+        public_keys=_public_keys(args.public_key or [_env("PUBLIC_KEY", "")]),
     )
+
+
+def _public_keys(values: list[str]) -> tuple[Path, ...]:
+    return tuple(Path(p.strip()) for v in values for p in v.split(",") if p.strip())
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -48,7 +48,8 @@ def _train(args: argparse.Namespace) -> int:
     from export.pipeline import train_bundle
 
     out = train_bundle(args.data, args.out, arch=args.arch, epochs=args.epochs, seed=args.seed,
-                       threads=args.threads, name=args.name, force=args.force, verbose=not args.quiet)
+                       threads=args.threads, name=args.name, force=args.force,
+                       verbose=not args.quiet)
     m = load_bundle(out).manifest["training"]["metrics"]
     print(f"wrote {out}: test accuracy {m['test_accuracy']}, {m['epochs_run']} epochs "
           f"(best {m['best_epoch']}), {m['seconds']:.1f} s")

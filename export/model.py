@@ -1,12 +1,22 @@
 """The model architecture: one frozen dataclass, and the torch module it builds.
 
-The module is ``Normalize -> encoder -> latent -> head``::
+The module is ``normalize -> features -> dense layers``, cut at ``split`` into an encoder
+and a head::
 
     raw window (B, C, T) or features (B, F)
       -> normalize   (x - mean) / std, per channel or per feature; buffers, so the
                      exported graph takes raw windows and the device does no scaling
-      -> encoder     (B, latent_dim)   frozen on the device (a later bundle ships it alone)
-      -> head        (B, n_classes)    small; the device adapts it
+      -> features    mlp: flatten (B, F);  cnn1d: conv blocks + global average pool (B, C')
+      -> dense[0..split)          Linear + ReLU      \\  encoder.onnx -> latent (B, latent_dim)
+      -> dense[split..L-1)        Linear + ReLU      |  head.npz (numpy on the device,
+      -> dense[L-1]               Linear -> logits   /  adapted there)
+
+``split`` is the number of hidden dense layers inside the encoder: 0 takes the latent
+right after the features (cnn1d only: for mlp the "encoder" would learn nothing), and
+``len(hidden)`` takes it after the last hidden layer (the classic "embedding"). Named
+points: ``"early"`` is the smallest allowed split, ``"late"`` the largest. The default
+per arch (`DEFAULT_SPLIT`) was chosen by linear probes of latents on classes the base
+model never saw (docs/benchmarks.md, "Split point (issue 3)").
 
 ``ArchConfig`` is stored in the bundle's manifest (``arch``), so a bundle alone rebuilds
 the module: ``build_model(ArchConfig.from_dict(m["arch"]), mean, std)`` plus its weights.
@@ -24,6 +34,39 @@ from torch import nn
 from agent.errors import ConfigError
 
 ARCHS = ("mlp", "cnn1d")
+SPLIT_NAMES = ("early", "late")
+# Chosen by measurement (export/probe.py, docs/benchmarks.md): the earliest split keeps
+# the most linearly decodable information about classes the base model never saw.
+DEFAULT_SPLIT = {"mlp": "early", "cnn1d": "early"}
+HEAD_ACTIVATION = "relu"
+
+
+def min_split(arch: str) -> int:
+    """The smallest split: mlp's encoder needs one learned layer; cnn1d's convs are one."""
+    return 1 if arch == "mlp" else 0
+
+
+def resolve_split(arch: str, hidden: tuple[int, ...], split: int | str | None) -> int:
+    """``split`` as an index in ``[min_split(arch), len(hidden)]``; names and None resolved.
+
+    >>> resolve_split("mlp", (128, 64), "early"), resolve_split("cnn1d", (128, 64), "late")
+    (1, 2)
+    """
+    lo, hi = min_split(arch), len(hidden)
+    if split is None:
+        split = DEFAULT_SPLIT.get(arch, "early")
+    if isinstance(split, str):
+        s = split.strip().lower()
+        if s in SPLIT_NAMES:
+            return lo if s == "early" else hi
+        if not s.lstrip("-").isdigit():
+            raise ConfigError(f"split={split!r}, expected one of {list(SPLIT_NAMES)} or an "
+                              f"integer in [{lo}, {hi}]")
+        split = int(s)
+    if isinstance(split, bool) or not isinstance(split, int | np.integer) or not lo <= split <= hi:
+        raise ConfigError(f"split={split!r}, expected an integer in [{lo}, {hi}] for arch "
+                          f"{arch!r} with hidden={list(hidden)} (or {list(SPLIT_NAMES)})")
+    return int(split)
 
 
 @dataclass(frozen=True)
@@ -31,16 +74,17 @@ class ArchConfig:
     """Architecture hyper-parameters; validated at construction.
 
     ``mlp`` takes ``(F,)`` features (or flattens ``(C, T)`` windows); ``cnn1d`` takes
-    ``(C, T)`` windows. ``hidden`` are the mlp's layer widths; ``channels`` and
-    ``kernel_sizes`` the cnn1d's conv blocks (the first block keeps the time resolution,
-    later ones halve it).
+    ``(C, T)`` windows through conv blocks (``channels``, ``kernel_sizes``; the first
+    block keeps the time resolution, later ones halve it) and a global average pool.
+    Both continue with the dense layers ``hidden`` and a linear output layer. ``split``
+    (see the module docstring) may be given as a name or None; it is stored as an int.
     """
 
     arch: str
     input_shape: tuple[int, ...]
     n_classes: int
-    latent_dim: int = 64
-    hidden: tuple[int, ...] = (128,)
+    hidden: tuple[int, ...] = (128, 64)
+    split: int | str | None = None
     channels: tuple[int, ...] = (32, 64, 64)
     kernel_sizes: tuple[int, ...] = (7, 5, 3)
     dropout: float = 0.1
@@ -56,10 +100,11 @@ class ArchConfig:
                 f"arch 'cnn1d' needs (C, T) windows, got input_shape={shape!r}; use arch 'mlp'")
         if self.n_classes < 2:
             raise ConfigError(f"n_classes={self.n_classes}, expected >= 2")
-        if self.latent_dim < 1:
-            raise ConfigError(f"latent_dim={self.latent_dim}, expected >= 1")
-        if not all(h >= 1 for h in self.hidden):
+        if not all(isinstance(h, int) and h >= 1 for h in self.hidden):
             raise ConfigError(f"hidden={self.hidden!r}, expected positive widths")
+        if self.arch == "mlp" and not self.hidden:
+            raise ConfigError("hidden=(), arch 'mlp' needs at least one hidden layer "
+                              "(the encoder)")
         if not self.channels or len(self.channels) != len(self.kernel_sizes):
             raise ConfigError(f"channels={self.channels!r} and kernel_sizes={self.kernel_sizes!r}"
                               " must be non-empty and of equal length")
@@ -68,6 +113,30 @@ class ArchConfig:
                               " expected positive ints")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout}, expected 0 <= dropout < 1")
+        object.__setattr__(self, "split", resolve_split(self.arch, self.hidden, self.split))
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the features before the dense layers."""
+        return int(np.prod(self.input_shape)) if self.arch == "mlp" else self.channels[-1]
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Input and output width of every dense layer: features, hidden..., classes."""
+        return (self.feature_dim, *self.hidden, self.n_classes)
+
+    def latent_dim_at(self, split: int) -> int:
+        return self.widths[split]
+
+    @property
+    def latent_dim(self) -> int:
+        return self.latent_dim_at(self.split)
+
+    def split_description(self, split: int | None = None) -> str:
+        s = self.split if split is None else split
+        if s == 0:
+            return f"after the conv features (global average pool), {self.feature_dim} units"
+        return f"after hidden layer {s} of {len(self.hidden)} (ReLU), {self.hidden[s - 1]} units"
 
     @classmethod
     def for_data(cls, input_shape: tuple[int, ...], n_classes: int, arch: str | None = None,
@@ -122,22 +191,7 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std  # (B, C, T) or (B, F)
 
 
-class MLPEncoder(nn.Module):
-    def __init__(self, cfg: ArchConfig):
-        super().__init__()
-        layers: list[nn.Module] = [nn.Flatten()]
-        width = int(np.prod(cfg.input_shape))
-        for h in cfg.hidden:
-            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(cfg.dropout)]
-            width = h
-        layers += [nn.Linear(width, cfg.latent_dim), nn.ReLU()]
-        self.layers = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)  # (B, F) or (B, C, T) -> (B, latent_dim)
-
-
-class CNN1dEncoder(nn.Module):
+class CNN1dFeatures(nn.Module):
     def __init__(self, cfg: ArchConfig):
         super().__init__()
         blocks: list[nn.Module] = []
@@ -149,29 +203,54 @@ class CNN1dEncoder(nn.Module):
                        nn.BatchNorm1d(ch), nn.ReLU()]
             in_ch = ch
         self.blocks = nn.Sequential(*blocks)
-        self.to_latent = nn.Sequential(nn.Linear(in_ch, cfg.latent_dim), nn.ReLU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.blocks(x)          # (B, C, T) -> (B, C', T')
-        h = h.mean(dim=-1)          # (B, C')   global average pool
-        return self.to_latent(h)    # (B, latent_dim)
+        return self.blocks(x).mean(dim=-1)  # (B, C, T) -> (B, C', T') -> (B, C')
 
 
 class ReverieNet(nn.Module):
-    """Normalize -> encoder -> head; `embed` gives the latent the device stores."""
+    """normalize -> features -> dense layers; `embed` gives the latent the device stores,
+    `head` maps it to logits. ``embed(x, split=s)`` gives the latent of another split
+    point of the same trained network (used by the probe)."""
 
     def __init__(self, cfg: ArchConfig, mean: np.ndarray, std: np.ndarray):
         super().__init__()
         self.cfg = cfg
         self.normalize = Normalize(mean, std, cfg.input_shape)
-        self.encoder = MLPEncoder(cfg) if cfg.arch == "mlp" else CNN1dEncoder(cfg)
-        self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.latent_dim, cfg.n_classes))
+        self.features = nn.Flatten() if cfg.arch == "mlp" else CNN1dFeatures(cfg)
+        w = cfg.widths
+        self.dense = nn.ModuleList(nn.Linear(w[i], w[i + 1]) for i in range(len(w) - 1))
+        self.drop = nn.Dropout(cfg.dropout)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(self.normalize(x))  # (B, ...) raw -> (B, latent_dim)
+    def _layers(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        last = len(self.dense) - 1
+        for i in range(start, stop):
+            h = self.dense[i](h)
+            if i < last:
+                h = self.drop(torch.relu(h))
+        return h
+
+    def embed(self, x: torch.Tensor, split: int | None = None) -> torch.Tensor:
+        s = self.cfg.split if split is None else split
+        h = self.features(self.normalize(x))        # (B, feature_dim)
+        return self._layers(h, 0, s)                 # (B, latent_dim)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self._layers(h, self.cfg.split, len(self.dense))  # (B, latent_dim) -> (B, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x))  # (B, n_classes) logits
+
+
+class Encoder(nn.Module):
+    """The encoder half of a ReverieNet, as its own module for the ONNX export."""
+
+    def __init__(self, net: ReverieNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.embed(x)  # (B, ...) raw -> (B, latent_dim)
 
 
 def build_model(cfg: ArchConfig, mean: np.ndarray, std: np.ndarray) -> ReverieNet:

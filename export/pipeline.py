@@ -24,9 +24,10 @@ def train_bundle(data_path: str | Path, out_dir: str | Path, *, arch: str | None
                  verbose: bool = True) -> Path:
     """Train on the NPZ dataset at ``data_path`` and write a verified bundle to ``out_dir``.
 
-    ``epochs``, ``seed`` and ``threads`` override ``train_config``; ``arch`` ("mlp" | "cnn1d") defaults
-    to the data's shape. The bundle is verified (hashes, onnx.checker, parity) before it
-    is moved into place; on any error nothing is left at ``out_dir``.
+    ``epochs``, ``seed`` and ``threads`` override ``train_config``; ``arch``
+    ("mlp" | "cnn1d") defaults to the data's shape. The bundle is verified (hashes,
+    onnx.checker, parity) before it is moved into place; on any error nothing is left
+    at ``out_dir``.
     """
     data_path, out_dir = Path(data_path), Path(out_dir)
     cfg = train_config or TrainConfig()

@@ -47,6 +47,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}, expected >= 1")
+        if self.seed < 0:
+            raise ConfigError(f"seed={self.seed}, expected >= 0")
         if self.patience < 0:
             raise ConfigError(f"patience={self.patience}, expected >= 0")
         if not self.min_delta >= 0:
@@ -163,6 +165,9 @@ def train(ds: Dataset, cfg: TrainConfig = TrainConfig(), arch: ArchConfig | None
                 loss.backward()
                 opt.step()
                 loss_sum += loss.item() * len(idx)
+            if not math.isfinite(loss_sum):
+                raise ConfigError(f"training diverged (loss {loss_sum} in epoch {epoch}); "
+                                  f"try a lower lr than {cfg.lr}")
             val_loss, val_acc = evaluate(model, X_va, y_va)
             improved = val_loss < best_loss - cfg.min_delta
             if improved:

@@ -146,7 +146,8 @@ def verify_bundle(path: str | Path, data: str | Path | None = None, *, n_random:
         X, y = _data_inputs(bundle, Path(data), seed)
         diff, logits = _parity(f"data {data}", sess, model, X, input_name, tol)
         report.max_abs_diff["data"] = diff
-        report.checks.append(f"parity on {len(X)} rows of {data}: max abs diff {diff:.2e} <= {tol:g}")
+        report.checks.append(
+            f"parity on {len(X)} rows of {data}: max abs diff {diff:.2e} <= {tol:g}")
         if y is not None:
             report.data_accuracy = float(np.mean(logits.argmax(axis=1) == y))
     return report

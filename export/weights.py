@@ -58,7 +58,8 @@ def model_from_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> ReverieNe
         std = np.asarray(norm.get("std"), np.float32)
         model = build_model(cfg, mean, std)
     except (ConfigError, TypeError, ValueError) as exc:
-        raise BundleError(f"{bundle_dir / 'manifest.json'}: cannot rebuild the model ({exc})") from None
+        raise BundleError(
+            f"{bundle_dir / 'manifest.json'}: cannot rebuild the model ({exc})") from None
     if cfg.n_classes != len(manifest.get("classes", [])):
         raise BundleError(f"{bundle_dir / 'manifest.json'}: arch.n_classes={cfg.n_classes} but "
                           f"{len(manifest.get('classes', []))} classes")

@@ -227,9 +227,12 @@ class CheckpointStore:
             raise StateError(f"checkpoint info is not plain JSON: {exc}") from exc
 
     def _remove_temp_dirs(self) -> None:
+        """Leftovers of writes a crash interrupted (never visible as checkpoints)."""
         for p in self.checkpoints_dir.iterdir():
             if p.name.startswith(".tmp-"):
                 shutil.rmtree(p, ignore_errors=True)
+        for p in self.root.glob(f".{CURRENT_NAME}.tmp-*"):
+            fsio.remove_if_exists(p, quiet=True)
 
     def _prune(self, current: int) -> None:
         """Delete all but the newest `keep` checkpoints -- only ever after a switch."""
@@ -252,8 +255,10 @@ class CheckpointStore:
         current = self.current()
         warnings: list[str] = []
         if (self.root / CURRENT_NAME).exists() and current not in numbers:
-            warnings.append(f"{self.root / CURRENT_NAME} is unreadable or names a missing "
-                            f"checkpoint ({current}); trying the newest one on disk")
+            what = "is unreadable" if current is None else \
+                f"names checkpoint {self.path_of(current)}, which is missing"
+            warnings.append(f"{self.root / CURRENT_NAME} {what}; trying the newest one on disk")
+            log.warning("%s", warnings[-1])
         elif current is None and numbers:
             # A crash before the first switch leaves a complete but uncommitted checkpoint.
             log.info("%s has no CURRENT yet; using the newest checkpoint", self.root)

@@ -196,7 +196,7 @@ class WriteAheadLog:
             try:
                 fsio.write_all(self._fd, frame)
             except OSError as exc:
-                self._truncate_back(exc, fsync_failed=False)
+                self._truncate_back(self._size, exc)
                 raise fsio.state_error("append to", self._active.path, exc,
                                        "the log still ends on its last complete record") from exc
             self._size += len(frame)
@@ -343,25 +343,31 @@ class WriteAheadLog:
             # After a failed fsync the kernel may have dropped the dirty pages: nothing
             # written since the last good fsync can be trusted, so stop writing.
             if drop_from is not None:
-                self._truncate_back(exc, fsync_failed=True, offset=drop_from)
+                self._truncate_back(drop_from, exc)
+                self._next_seq -= 1
             self._refuse = f"fsync failed ({exc}); reopen the log"
             raise fsio.state_error("fsync", self._active.path, exc, "the record is not durable") from exc
         self._unsynced = False
 
-    def _truncate_back(self, exc: OSError, fsync_failed: bool, offset: int | None = None) -> None:
-        offset = self._size if offset is None else offset
+    def _truncate_back(self, offset: int, exc: OSError) -> None:
         try:
             os.ftruncate(self._fd, offset)
             self._size = offset
-            if fsync_failed:
-                self._next_seq -= 1
         except OSError as exc2:
             self._refuse = f"could not remove a partial record after {exc} ({exc2}); reopen the log"
 
     def _salvage(self, exc: LogDamagedError) -> str:
         """Keep the valid prefix; hard-link or copy damaged files aside; reopen."""
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        moved = []
+        moved: list[str] = []
+
+        def aside_name(seg: _Segment) -> Path:
+            n = 0
+            while (p := seg.path.with_name(f"{seg.path.name}.damaged-{stamp}-{n}")).exists():
+                n += 1
+            return p
+
+        self._refuse = "an earlier salvage failed; reopen the log"
         try:
             os.close(self._fd)
             self._fd = None
@@ -369,7 +375,7 @@ class WriteAheadLog:
             damaged, later = self._segments[i], self._segments[i + 1 :]
             if exc.keep_bytes is not None:
                 data = damaged.path.read_bytes()
-                aside = damaged.path.with_name(f"{damaged.path.name}.damaged-{stamp}")
+                aside = aside_name(damaged)
                 try:
                     os.link(damaged.path, aside)
                 except OSError:  # e.g. FAT has no hard links
@@ -382,12 +388,11 @@ class WriteAheadLog:
                 later = [damaged, *later]
                 kept = self._segments[:i]
             for seg in reversed(later):
-                aside = seg.path.with_name(f"{seg.path.name}.damaged-{stamp}")
+                aside = aside_name(seg)
                 os.replace(seg.path, aside)
                 moved.append(aside.name)
             fsio.fsync_dir(self.directory)
         except OSError as err:
-            self._refuse = f"salvage failed: {err}"
             raise fsio.state_error("set damaged log files aside in", self.directory, err) from err
         self._segments = kept
         self._refuse = None

@@ -197,7 +197,7 @@ def encode_record(meta: dict[str, Any], arrays: dict[str, np.ndarray] | None = N
     """
     specs, blobs = [], []
     for name, arr in (arrays or {}).items():
-        a = np.ascontiguousarray(arr)
+        a = np.asarray(arr, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
         if a.dtype.kind not in _ARRAY_KINDS:
             raise StateError(f"array {name!r} has dtype {a.dtype}; expected a numeric dtype")
         if a.dtype.byteorder == ">":
