@@ -12,7 +12,7 @@ export HNSWLIB_NO_NATIVE := 1
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test lint install-dev install-demo clean
+.PHONY: demo test test-slow lint install-dev install-demo clean
 
 demo: $(VENV)/.stamp-demo
 	$(BIN)/reverie demo $(ARGS)
@@ -20,6 +20,9 @@ demo: $(VENV)/.stamp-demo
 test: $(VENV)/.stamp-dev
 	$(BIN)/ruff check agent export firmware_sim tests
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-slow: $(VENV)/.stamp-dev
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 lint: $(VENV)/.stamp-dev
 	$(BIN)/ruff check agent export firmware_sim tests

@@ -82,8 +82,8 @@ class PublicKey:
 
 def _raw(key: object, source: str) -> bytes:
     if not isinstance(key, Ed25519PublicKey):
-        raise ConfigError(f"public key {source}: is a {type(key).__name__.lstrip('_')}, "
-                          "expected an ed25519 key")
+        raise ConfigError(f"public key {source}: key type {type(key).__name__}, "
+                          "expected ed25519")
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 

@@ -264,14 +264,21 @@ def build_model(cfg: ArchConfig, mean: np.ndarray, std: np.ndarray) -> ReverieNe
     return ReverieNet(cfg, mean, std)
 
 
-def normalization_stats(X: np.ndarray, min_std: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+def normalization_stats(X: np.ndarray, min_std: float = 1e-6, rel_floor: float = 0.1
+                        ) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (N, C, T) or per-feature (N, F) mean and std, as float32 ``(C,)``/``(F,)``.
 
     A constant channel (std below ``min_std``) gets std 1 so it maps to 0, not to inf.
+    Other stds are floored at ``rel_floor`` times the median std: a nearly constant
+    feature (an edge pixel of sklearn digits has std 0.04 against a median of 4.2) would
+    otherwise turn a rare unseen value into a huge input (measured on digits 0-4: 93.5%
+    validation accuracy without the floor, 97-98% with it).
     """
     axes = (0, 2) if X.ndim == 3 else (0,)
     X64 = X.astype(np.float64)
     mean = X64.mean(axis=axes)
     std = X64.std(axis=axes)
-    std = np.where(std < min_std, 1.0, std)
+    varying = std >= min_std
+    floor = rel_floor * float(np.median(std[varying])) if varying.any() else 0.0
+    std = np.where(varying, np.maximum(std, floor), 1.0)
     return mean.astype(np.float32), std.astype(np.float32)

@@ -50,10 +50,14 @@ def _logistic_probe(Z_tr: np.ndarray, y_tr: np.ndarray, Z_te: np.ndarray, seed: 
 
     clf = make_pipeline(StandardScaler(),
                         LogisticRegression(max_iter=PROBE_MAX_ITER, random_state=seed))
-    with warnings.catch_warnings():
+    from threadpoolctl import threadpool_limits
+
+    # One BLAS thread: on a shared 2-core machine the default pool made each fit 25x
+    # slower (9.7 s vs 0.4 s for 1437 x 64 latents).
+    with warnings.catch_warnings(), threadpool_limits(1):
         warnings.filterwarnings("ignore", message=".*(converge|max_iter).*")
         clf.fit(Z_tr, y_tr)
-    return clf.predict(Z_te)
+        return clf.predict(Z_te)
 
 
 @torch.no_grad()

@@ -135,7 +135,7 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise ConfigError(f"private key {path}: cannot parse ({exc})") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise ConfigError(f"private key {path}: is a {type(key).__name__}, expected ed25519")
+        raise ConfigError(f"private key {path}: key type {type(key).__name__}, expected ed25519")
     return key
 
 
@@ -214,8 +214,10 @@ def register_keygen(export_sub: argparse._SubParsersAction) -> None:
         description="Write an ed25519 key pair: PREFIX.key (private, PEM, mode 0600; keep it "
                     "off devices) and PREFIX.pub (public, PEM; give it to devices with "
                     "`reverie run --public-key`). Never overwrites a key.")
-    k.add_argument("--out", type=Path, required=True, metavar="KEYDIR/|PREFIX",
-                   help="a directory (gets signing.key and signing.pub) or a path prefix")
+    # A str, not a Path: Path drops the trailing "/" that marks a directory to create.
+    k.add_argument("--out", required=True, metavar="KEYDIR/|PREFIX",
+                   help="a directory (existing, or ending in /) gets signing.key and "
+                   "signing.pub; else PREFIX.key and PREFIX.pub")
     k.set_defaults(func=_keygen)
 
 

@@ -1,7 +1,14 @@
-"""Torch weights as a plain ``weights.npz`` (no pickle), so a bundle alone rebuilds the model.
+"""Plain-array files of a bundle (no pickle): ``weights.npz`` and ``head.npz``.
 
-One float32 array per ``state_dict`` key. BatchNorm's integer step counters
-(``num_batches_tracked``) are left out: inference never reads them.
+``weights.npz``: one float32 array per ``state_dict`` key, so a bundle alone rebuilds the
+torch model. BatchNorm's integer step counters (``num_batches_tracked``) are left out:
+inference never reads them.
+
+``head.npz``: the head for the device (`agent.head.Head`), the dense layers after the
+split: ``n_layers`` (int64 scalar) and, for ``i < n_layers``, ``W{i}`` float32
+``(out_i, in_i)`` and ``b{i}`` float32 ``(out_i,)``, with
+``h_{i+1} = act(h_i @ W{i}.T + b{i})``, ``h_0`` the latent, no activation after the last
+layer (its outputs are the logits, one row per class in the manifest's order).
 """
 
 from __future__ import annotations
@@ -17,14 +24,29 @@ from agent.errors import BundleError, ConfigError
 from export.model import ArchConfig, ReverieNet, build_model
 
 WEIGHTS = "weights.npz"
+HEAD = "head.npz"
 _SKIPPED_SUFFIX = "num_batches_tracked"
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    arrays = {k: v.detach().cpu().numpy().astype(np.float32)
-              for k, v in model.state_dict().items() if not k.endswith(_SKIPPED_SUFFIX)}
+def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with open(path, "wb") as f:  # a file object keeps numpy from appending ".npz"
         np.savez(f, **arrays)
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    save_arrays(path, {k: v.detach().cpu().numpy().astype(np.float32)
+                       for k, v in model.state_dict().items()
+                       if not k.endswith(_SKIPPED_SUFFIX)})
+
+
+def head_arrays(model: ReverieNet) -> dict[str, np.ndarray]:
+    """The head's layers (those after ``model.cfg.split``) in the ``head.npz`` schema."""
+    layers = list(model.dense)[model.cfg.split:]
+    arrays: dict[str, np.ndarray] = {"n_layers": np.array(len(layers), dtype=np.int64)}
+    for i, layer in enumerate(layers):
+        arrays[f"W{i}"] = layer.weight.detach().cpu().numpy().astype(np.float32)  # (out, in)
+        arrays[f"b{i}"] = layer.bias.detach().cpu().numpy().astype(np.float32)    # (out,)
+    return arrays
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:

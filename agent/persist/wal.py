@@ -196,9 +196,9 @@ class WriteAheadLog:
             try:
                 fsio.write_all(self._fd, frame)
             except OSError as exc:
-                self._truncate_back(self._size, exc)
-                raise fsio.state_error("append to", self._active.path, exc,
-                                       "the log still ends on its last complete record") from exc
+                hint = ("the log still ends on its last complete record"
+                        if self._truncate_back(self._size, exc) else self._refuse)
+                raise fsio.state_error("append to", self._active.path, exc, hint) from exc
             self._size += len(frame)
             self._next_seq += 1
             self._unsynced = True
@@ -349,12 +349,14 @@ class WriteAheadLog:
             raise fsio.state_error("fsync", self._active.path, exc, "the record is not durable") from exc
         self._unsynced = False
 
-    def _truncate_back(self, offset: int, exc: OSError) -> None:
+    def _truncate_back(self, offset: int, exc: OSError) -> bool:
         try:
             os.ftruncate(self._fd, offset)
-            self._size = offset
         except OSError as exc2:
             self._refuse = f"could not remove a partial record after {exc} ({exc2}); reopen the log"
+            return False
+        self._size = offset
+        return True
 
     def _salvage(self, exc: LogDamagedError) -> str:
         """Keep the valid prefix; hard-link or copy damaged files aside; reopen."""

@@ -103,11 +103,11 @@ def run_kill_cycles(tmp_path: Path, n_cycles: int, seed: int) -> dict:
         mode = MODES[cycle % len(MODES)]
         child = Child(root, seed=int(rng.integers(2**31)), ballast_bytes=1 << 20)
         if mode == "anytime":  # may land in start-up or in the child's own recovery
-            time.sleep(rng.uniform(0.0, 0.5))
+            time.sleep(rng.uniform(0.0, 0.4))
         else:
             assert child.wait_for(b"ready", timeout_s=30), "child never became ready"
             if mode == "learning":
-                time.sleep(rng.uniform(0.0, 0.3))
+                time.sleep(rng.uniform(0.0, 0.25))
             elif child.wait_for(b"ckpt-begin", timeout_s=10):
                 time.sleep(rng.uniform(0.0, 0.02))
         lines = child.kill()

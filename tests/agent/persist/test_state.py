@@ -176,8 +176,9 @@ def test_hnswlib_index_is_verified_before_it_is_loaded(tmp_path):
         assert ck.number == 1 and "index.hnsw" in ck.warnings[0]
         loaded = hnswlib.Index(space="cosine", dim=8)
         loaded.load_index(str(ck.files["index.hnsw"]), max_elements=100)
-        labels, _ = loaded.knn_query(data[:5], k=1)
-        assert list(labels[:, 0]) == [0, 1, 2, 3, 4]
+        loaded.set_ef(100)  # >= the element count: the search is exact
+        labels, _ = loaded.knn_query(data, k=1, num_threads=1)
+        assert labels[:, 0].tolist() == list(range(50))
 
 
 def test_state_dir_is_owner_only(tmp_path):
