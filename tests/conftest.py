@@ -260,3 +260,16 @@ def sim_bundle(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sim-bundle")
     data = write_dataset(root / "train.npz", n_per_class=60, seed=0)
     return train_bundle(data, root / "bundle", epochs=12, seed=0, name="test-sim", verbose=False)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """`reverie run` called in-process installs a handler on the (captured) stderr; restore
+    the root logger so later tests do not log into a closed stream."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -204,11 +204,22 @@ def test_a_public_key_may_be_given_as_bytes_or_object(signed, key_a):
 # --- the daemon -------------------------------------------------------------------------------
 
 
-def test_run_refuses_a_bad_signature_with_one_line(signed, tmp_path, capsys, key_a):
+@pytest.fixture
+def run_cli():
+    """`agent.cli.main`; `reverie run` installs a root log handler on the captured stderr,
+    which later tests' threads would write to after capture closed: put the old ones back."""
     from agent.cli import main
 
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield main
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_run_refuses_a_bad_signature_with_one_line(signed, tmp_path, capsys, key_a, run_cli):
     _edit_manifest(signed, name="evil")
-    rc = main(["run", "--bundle", str(signed), "--device-id", "d",
+    rc = run_cli(["run", "--bundle", str(signed), "--device-id", "d",
                "--public-key", str(_write_public(key_a, tmp_path / "a.pub"))])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -216,19 +227,15 @@ def test_run_refuses_a_bad_signature_with_one_line(signed, tmp_path, capsys, key
 
 
 def test_run_refuses_an_unsigned_bundle_when_the_env_configures_a_key(bundle, pub_a, capsys,
-                                                                      monkeypatch):
-    from agent.cli import main
-
+                                                                      monkeypatch, run_cli):
     monkeypatch.setenv("REVERIE_PUBLIC_KEY", str(pub_a))
-    rc = main(["run", "--bundle", str(bundle), "--device-id", "d"])
+    rc = run_cli(["run", "--bundle", str(bundle), "--device-id", "d"])
     err = capsys.readouterr().err
     assert rc == 2 and "bundle is unsigned" in err and "Traceback" not in err
 
 
-def test_run_refuses_a_missing_key_file_as_a_config_error(bundle, tmp_path, capsys):
-    from agent.cli import main
-
-    rc = main(["run", "--bundle", str(bundle), "--device-id", "d",
+def test_run_refuses_a_missing_key_file_as_a_config_error(bundle, tmp_path, capsys, run_cli):
+    rc = run_cli(["run", "--bundle", str(bundle), "--device-id", "d",
                "--public-key", str(tmp_path / "nope.pub")])
     err = capsys.readouterr().err
     assert rc == 2 and "nope.pub: cannot read" in err
