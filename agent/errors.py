@@ -35,3 +35,7 @@ class BrokerError(ReverieError):
 
 class StateError(ReverieError):
     """On-disk state (checkpoint, write-ahead log) cannot be written, or is damaged."""
+
+
+class InputError(ReverieError, ValueError):
+    """An input to a learner (window, label) has the wrong shape, type or values."""

@@ -44,6 +44,30 @@ def float_array(x, *, name: str, shape: tuple, dtype=np.float32) -> np.ndarray:
     return arr
 
 
+def latent_vector(x, *, name: str, dim: int) -> np.ndarray:
+    """`x` as a finite (dim,) float32 vector with a usable norm: the hot path of every query.
+
+    One float64 dot product screens everything (NaN/Inf propagate into it; it cannot
+    overflow for float32 inputs); exact checks run only when the screen fails. The norm
+    must be nonzero (cosine is undefined) and its square must fit float32, where hnswlib
+    normalizes (beyond that it would store a zero vector).
+    """
+    arr = np.asarray(x)
+    if arr.shape != (dim,):
+        raise MemoryInputError(f"{name} has shape {arr.shape}, expected ({dim},)")
+    if arr.dtype.kind not in "fiu":
+        raise MemoryInputError(f"{name} has dtype {arr.dtype}, expected a real float array")
+    arr = _kernel_ready(arr, np.float32)
+    a64 = arr.astype(np.float64)
+    if 0.0 < a64.dot(a64) < 1e38:
+        return arr
+    arr = float_array(arr, name=name, shape=(dim,))
+    if not arr.any():
+        raise MemoryInputError(f"{name} is all zeros; cosine distance needs a nonzero latent")
+    raise MemoryInputError(f"{name} has norm {np.sqrt(a64.dot(a64)):g}, expected below 1e19 "
+                           "(hnswlib normalizes in float32)")
+
+
 def code_array(x, *, name: str, k: int, n_units: int | None = None) -> np.ndarray:
     """`x` as a sparse code: (k,) int32, distinct unit ids in [0, n_units), sorted ascending."""
     arr = np.asarray(x)

@@ -19,6 +19,7 @@ Because labels are never reused, hnswlib's label bookkeeping on replacement stay
 
 from __future__ import annotations
 
+import operator
 import threading
 from os import PathLike
 
@@ -26,7 +27,7 @@ import hnswlib
 import numpy as np
 
 from agent.memory import kernels
-from agent.memory._checks import code_array, float_array, float_scalar, int_scalar
+from agent.memory._checks import code_array, float_scalar, int_scalar, latent_vector
 from agent.memory.config import MemoryConfig
 from agent.memory.errors import MemoryInputError, MemoryStateError
 from agent.memory.state import STATE_FIELDS, Episodes, expected_fields, validate_state
@@ -36,7 +37,7 @@ from agent.memory.state import STATE_FIELDS, Episodes, expected_fields, validate
 MAX_LABEL = 2**20 - 1
 
 # The id a free slot holds, so `episode_ids_[slot] == id` alone says whether id is stored.
-FREE_ID = 2**64 - 1
+FREE_ID = int(kernels.FREE_ID)
 
 _EMPTY_IDS = np.empty(0, dtype=np.uint64)
 _EMPTY_DIST = np.empty(0, dtype=np.float32)
@@ -71,7 +72,7 @@ class EpisodicMemory:
         surprise >= 0; ts in seconds (also the "now" that eviction scores retention at).
         """
         c = self.config
-        x = self._latent(latent, np.dtype(c.latent_dtype))
+        x = self._latent(latent, store=True)
         code = code_array(code, name="code", k=c.code_k)
         label = int_scalar(label, name="label", lo=0, hi=MAX_LABEL)
         surprise = float_scalar(surprise, name="surprise", lo=0.0)
@@ -159,7 +160,7 @@ class EpisodicMemory:
         ``k * rerank_factor`` candidates and keep the k sharing most active units, ties by
         distance.
         """
-        q = self._latent(latent, np.dtype(np.float32))
+        q = self._latent(latent)
         k = int_scalar(k, name="k", lo=1)
         qcode = None if code is None else code_array(code, name="code", k=self.config.code_k)
         with self._lock:
@@ -167,8 +168,8 @@ class EpisodicMemory:
                 return _EMPTY_IDS, _EMPTY_DIST
             n_cand = min(self._n, k if qcode is None else k * self.config.rerank_factor)
             ids, dist = self._knn(q, n_cand)
-            slots = (ids % np.uint64(self.config.capacity)).astype(np.int64)
-            if not (self.episode_ids_[slots] == ids).all():   # free slots hold FREE_ID
+            slots, missing = kernels.slots_of_ids(ids, self.episode_ids_)
+            if missing:
                 raise MemoryStateError("the hnswlib index returned ids the memory does not hold; "
                                        "index and arrays are out of sync")
             if qcode is not None:
@@ -183,7 +184,7 @@ class EpisodicMemory:
         n_classes = int_scalar(n_classes, name="n_classes", lo=1)
         with self._lock:
             ids, dist = self.query(latent, k, code=code)
-            labels = self.labels_[(ids % np.uint64(self.config.capacity)).astype(np.int64)]
+            labels = self.labels_[kernels.slots_of_ids(ids, self.episode_ids_)[0]]
         if labels.size and labels.max() >= n_classes:
             raise MemoryInputError(f"n_classes={n_classes}, but a neighbour has label {int(labels.max())}")
         weights = np.clip(1.0 - dist.astype(np.float64), 0.0, None)
@@ -310,14 +311,23 @@ class EpisodicMemory:
         labels = self.labels_[self.valid_]
         self._class_counts = np.bincount(labels, minlength=8).astype(np.int64)
 
-    def _latent(self, latent, dtype: np.dtype) -> np.ndarray:
-        x = float_array(latent, name="latent", shape=(self.config.dim,), dtype=dtype)
-        if not x.any():
-            raise MemoryInputError("latent is all zeros; cosine distance needs a nonzero latent")
+    def _latent(self, latent, *, store: bool = False) -> np.ndarray:
+        x = latent_vector(latent, name="latent", dim=self.config.dim)   # (d,) f32
+        if store and self.config.latent_dtype != "float32":
+            with np.errstate(over="ignore"):
+                x = x.astype(self.config.latent_dtype)
+            if not np.isfinite(x).all():
+                raise MemoryInputError(f"latent holds a value beyond {self.config.latent_dtype}'s range "
+                                       f"(max |x| = {float(np.abs(latent).max()):g}); it would be stored as inf")
         return x
 
     def _ids(self, ids) -> np.ndarray:
         arr = np.asarray(ids)
+        if arr.dtype.kind in "fO" and arr.ndim == 1 and not isinstance(ids, np.ndarray):
+            try:   # a list with ints beyond int64 becomes float64 or object: convert exactly
+                arr = np.array([operator.index(i) for i in ids], dtype=np.uint64)
+            except (TypeError, OverflowError):
+                pass   # reported below
         if arr.ndim == 0:
             arr = arr.reshape(1)
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
@@ -327,12 +337,11 @@ class EpisodicMemory:
         return arr.astype(np.uint64)
 
     def _slots_of(self, ids: np.ndarray, *, strict: bool) -> np.ndarray:
-        slots = (ids % np.uint64(self.config.capacity)).astype(np.int64)
-        live = self.episode_ids_[slots] == ids   # free slots hold FREE_ID
-        if strict and not live.all():
-            gone = ids[~live][:5].tolist()
+        slots, missing = kernels.slots_of_ids(ids, self.episode_ids_)
+        if missing and strict:
+            gone = ids[slots < 0][:5].tolist()
             raise MemoryInputError(f"episode ids {gone} are not stored (evicted, removed or never added)")
-        return slots[live]
+        return slots[slots >= 0] if missing else slots
 
     def _episodes(self, slots: np.ndarray) -> Episodes:
         return Episodes(ids=self.episode_ids_[slots], latents=self.latents_[slots],

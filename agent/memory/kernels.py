@@ -135,6 +135,33 @@ def overlap_scores(query_code, codes, cand):
     return out
 
 
+# --------------------------------------------------------------------------- id lookup
+
+# The id a free slot holds: never issued, and never found by `slots_of_ids` even when asked for.
+FREE_ID = np.uint64(2**64 - 1)
+
+
+@njit(cache=True, nogil=True)
+def slots_of_ids(ids, episode_ids):
+    """Slots of episode ids. ids (c,) uint64, episode_ids (n,) uint64 (free slots hold
+    FREE_ID) -> ((c,) int64 slots with -1 where an id is not stored, int64 how many).
+
+    Ids are ``seq * n + slot``, so the slot is ``id % n`` and the id is stored iff that slot
+    holds it. One kernel call instead of four numpy calls: the query path's overhead.
+    """
+    n = np.uint64(episode_ids.shape[0])
+    out = np.empty(ids.shape[0], dtype=np.int64)   # (c,)
+    missing = 0
+    for t in range(ids.shape[0]):
+        s = ids[t] % n
+        if episode_ids[s] == ids[t] and ids[t] != FREE_ID:
+            out[t] = np.int64(s)
+        else:
+            out[t] = -1
+            missing += 1
+    return out, missing
+
+
 # --------------------------------------------------------------------------- retention
 
 
@@ -360,6 +387,7 @@ def warmup() -> None:
     project_kwta(x, P, bias, 3, False)
     codes = project_kwta(x, P, bias, 3, True)                   # (n, k)
     overlap_scores(codes[0], codes, np.arange(2, dtype=np.int64))
+    slots_of_ids(np.arange(3, dtype=np.uint64), np.arange(2, dtype=np.uint64))
     labels = np.array([0, 1], dtype=np.int32)
     valid = np.ones(2, dtype=np.bool_)
     strength = np.ones(2, dtype=np.float32)

@@ -1,5 +1,8 @@
 """Every numba kernel against a slow, obvious numpy oracle on random inputs."""
 
+import subprocess
+import sys
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -105,6 +108,22 @@ def test_overlap_scores_match_intersect1d(n, k, m, c, seed):
     want = [len(np.intersect1d(q, codes[s])) for s in cand]
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, np.array(want, dtype=np.int32))
+
+
+@SETTINGS
+@given(n=st.integers(1, 40), seq=st.integers(0, 2**20), seed=st.integers(0, 2**32 - 1))
+def test_slots_of_ids_matches_lookup(n, seq, seed):
+    rng = np.random.default_rng(seed)
+    free = np.uint64(2**64 - 1)
+    episode_ids = np.array([(seq + int(rng.integers(0, 5))) * n + s for s in range(n)], dtype=np.uint64)
+    episode_ids[rng.random(n) < 0.3] = free
+    asked = np.concatenate([rng.choice(episode_ids, 10),
+                            rng.integers(0, (seq + 6) * n, 10).astype(np.uint64)])
+    slots, missing = kernels.slots_of_ids(asked, episode_ids)
+    want = np.array([np.flatnonzero(episode_ids == i)[0] if i != free and i in episode_ids else -1
+                     for i in asked])
+    np.testing.assert_array_equal(slots, want)
+    assert missing == (want < 0).sum()
 
 
 # ------------------------------------------------------------------ retention / eviction
@@ -229,5 +248,34 @@ def test_assoc_update_and_readout_match_loops(m, K, steps, seed, lr):
     np.testing.assert_allclose(kernels.assoc_readout(W, code), W[code].sum(axis=0), rtol=1e-5)
 
 
-def test_warmup_runs():
-    kernels.warmup()
+WARMUP_COVERAGE = """
+import numpy as np
+from agent.memory import (AssociativeReadout, EpisodicMemory, MemoryConfig, ReadoutConfig,
+                          SparseCoder, kernels)
+names = [n for n in dir(kernels) if hasattr(getattr(kernels, n), "signatures") and n[0] != "_"]
+kernels.warmup()
+before = {n: len(getattr(kernels, n).signatures) for n in names}
+rng = np.random.default_rng(0)
+coder = SparseCoder(16, center=np.ones(16))
+sae = SparseCoder.from_sae(rng.standard_normal((64, 16)), rng.standard_normal(64), 5)
+for dtype in ("float16", "float32"):
+    mem = EpisodicMemory(MemoryConfig(capacity=8, dim=16, code_k=coder.k, latent_dtype=dtype))
+    ro = AssociativeReadout(ReadoutConfig(code_k=coder.k))
+    for i in range(12):   # callers' dtypes vary on purpose: float64 latents, numpy ints
+        x = rng.standard_normal(16)
+        c = coder.encode_one(x)
+        sae.encode(x[None].astype(np.float16))
+        mem.add(x, c.tolist(), np.int16(i % 3), surprise=np.float32(0.5), ts=i)
+        mem.query(x.astype(np.float32), 5, code=c)
+        ro.learn(c, np.int64(i % 3))
+        ro.scores(c)
+    mem.sample_balanced(10, 1)
+    mem.sample_balanced(10, np.int64(2), weighting="uniform")
+after = {n: len(getattr(kernels, n).signatures) for n in names}
+assert len(names) == 9 and before == after, (before, after)
+"""
+
+
+def test_warmup_covers_every_signature_the_runtime_uses():
+    """After warmup(), ordinary use compiles nothing new, whatever dtypes callers pass."""
+    subprocess.run([sys.executable, "-c", WARMUP_COVERAGE], check=True, timeout=300)

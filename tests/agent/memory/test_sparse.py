@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.errors import ConfigError, ReverieError
+from agent.errors import ConfigError, InputError
 from agent.memory import MemoryInputError, MemoryStateError, SparseCoder, SparseCoderConfig
 
 
@@ -97,7 +97,7 @@ def test_encode_rejects_bad_input(bad, match):
     coder = SparseCoder(64)
     with pytest.raises(MemoryInputError, match=match) as exc:
         coder.encode(bad)
-    assert isinstance(exc.value, ReverieError) and isinstance(exc.value, ValueError)
+    assert isinstance(exc.value, InputError) and isinstance(exc.value, ValueError)
 
 
 def test_encode_one_names_expected_shape():

@@ -1,0 +1,57 @@
+"""Fusing the slow system (the bundle's head) with the fast one (episodic memory).
+
+The fast system knows every class it has episodes of, including classes the head has
+never seen; the head knows its own classes better. The fusion is hierarchical: the fast
+vote decides how much mass goes to the head's classes as a group, and the head splits that
+mass among them::
+
+    p[c in head]     = p_fast(head classes) * p_head[c]
+    p[c not in head] = p_fast[c]
+
+With an empty memory (or no similar episode) the head decides alone. Pure functions on
+arrays, so they are easy to test against hand-computed cases.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def knn_scores(labels: np.ndarray, distances: np.ndarray, n_classes: int,
+               power: float) -> np.ndarray:
+    """A similarity-weighted vote: ``labels`` (k,) and cosine ``distances`` (k,) of the
+    neighbours -> (n_classes,) summing to 1, or all zeros when nothing is similar."""
+    sim = np.clip(1.0 - distances.astype(np.float64), 0.0, None) ** power
+    scores = np.bincount(labels.astype(np.int64), weights=sim, minlength=n_classes)[:n_classes]
+    total = scores.sum()
+    return scores / total if total > 0 else scores
+
+
+def mix_fast(knn: np.ndarray, assoc: np.ndarray | None, assoc_weight: float) -> np.ndarray:
+    """The fast system's class distribution: the kNN vote, plus the associative readout."""
+    if assoc is None or assoc_weight == 0 or assoc.sum() <= 0:
+        return knn
+    a = np.zeros_like(knn)
+    a[: assoc.shape[0]] = assoc[: knn.shape[0]]
+    a = a / a.sum()
+    if knn.sum() <= 0:
+        return a
+    return (1.0 - assoc_weight) * knn + assoc_weight * a
+
+
+def fuse(p_head: np.ndarray, p_fast: np.ndarray) -> tuple[np.ndarray, str]:
+    """``p_head`` (Kh,) over the head's classes (indices 0..Kh-1), ``p_fast`` (K,) over
+    all classes -> (fused (K,), which system decided: "slow" | "fast" | "agree")."""
+    kh, k = p_head.shape[0], p_fast.shape[0]
+    out = np.zeros(k, dtype=np.float64)
+    if p_fast.sum() <= 0:
+        out[:kh] = p_head
+        return out, "slow"
+    head_mass = p_fast[:kh].sum()
+    out[:kh] = head_mass * p_head
+    out[kh:] = p_fast[kh:]
+    out /= out.sum()
+    best = int(np.argmax(out))
+    if best >= kh:
+        return out, "fast"
+    return out, "agree" if int(np.argmax(p_fast)) == best else "slow"

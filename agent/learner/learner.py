@@ -1,0 +1,313 @@
+"""`Learner`: the bundle's frozen encoder and head (slow system) in front of a sparse
+episodic memory (fast system) that learns from single labelled windows.
+
+    learner = Learner.from_bundle("bundle/", LearnerConfig(), state_dir="state/")
+    p = learner.predict_one(window)          # Prediction(label, probs, confidence, ...)
+    learner.learn_one(window, "new-gesture") # a never-seen label creates a class at once
+
+Writes are single-owner (an internal lock); predictions may run concurrently with them
+(the memory guards hnswlib with its own lock). With a state directory, every stored
+episode is appended to the write-ahead log (fsynced before `learn_one` returns when
+``durable``) before it touches memory, and checkpoints are taken every
+``checkpoint_every`` episodes and on `save`; a restart = last checkpoint + log replay.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from agent.bundle import Bundle, load_bundle
+from agent.errors import InputError
+from agent.head import Head
+from agent.inference import Encoder, softmax
+from agent.learner import fusion
+from agent.learner.config import LearnerConfig
+from agent.learner.state import LearnerState, restore, snapshot
+from agent.memory import (
+    AssociativeReadout,
+    EpisodicMemory,
+    MemoryConfig,
+    ReadoutConfig,
+    SparseCoder,
+)
+from agent.persist import StateDir
+
+log = logging.getLogger("reverie.learner")
+MAX_LABEL_CHARS = 64
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    probs: np.ndarray            # (K,) over `classes`
+    classes: tuple[str, ...]
+    confidence: float
+    decided_by: str              # "slow" (head), "fast" (memory), "agree"
+    novelty: bool                # far from everything the memory holds
+    novelty_score: float         # cosine distance to the nearest stored episode
+    latency_us: float
+
+    def prob_dict(self) -> dict[str, float]:
+        return dict(zip(self.classes, self.probs.tolist(), strict=True))
+
+
+@dataclass(frozen=True)
+class LearnResult:
+    stored: bool
+    surprise: float
+    new_class: bool
+    episode_id: int | None
+    prediction: Prediction
+
+
+class Learner:
+    """See the module docstring. Construct with `from_bundle` or `load`."""
+
+    def __init__(self, bundle: Bundle, config: LearnerConfig | None = None, *,
+                 state_dir: str | Path | None = None):
+        config = config or LearnerConfig()
+        self.bundle = bundle
+        self.config = config
+        self.encoder = Encoder(bundle, threads=config.threads)
+        self.head = Head.from_npz(bundle.file("head.npz"), bundle.manifest)
+        self.latent_dim = self.encoder.latent_dim
+        self.classes: list[str] = list(bundle.classes)
+        self._index = {c: i for i, c in enumerate(self.classes)}
+        self._lock = threading.RLock()
+        self._rng = np.random.default_rng(config.seed)
+        self.n_stored = 0                 # episodes learned since creation (incl. replayed)
+        self._since_checkpoint = 0
+        self.novelty_threshold: float | None = None
+        exemplars = self._load_exemplars()
+        self.coder = self._make_coder(exemplars)
+        self.memory = EpisodicMemory(MemoryConfig(
+            capacity=config.capacity, dim=self.latent_dim, code_k=self.coder.k,
+            ef_search=config.ef_search, latent_dtype=config.latent_dtype, seed=config.seed))
+        self.readout = AssociativeReadout(ReadoutConfig(n_units=self.coder.n_units,
+                                                        code_k=self.coder.k))
+        self.state: StateDir | None = None
+        self.recovery_warnings: list[str] = []
+        recovered = False
+        if state_dir is not None:
+            self.state = StateDir(state_dir)
+            rec = self.state.recover()
+            self.recovery_warnings = list(rec.warnings)
+            for w in rec.warnings:
+                log.warning("state recovery: %s", w)
+            if rec.checkpoint is not None:
+                restore(self, LearnerState.from_checkpoint(rec.checkpoint))
+                recovered = True
+            if not recovered:
+                self._seed(exemplars)
+            for _seq, payload in rec.records:
+                self._apply(*LearnerState.decode_episode(payload))
+            if rec.records:
+                log.info("replayed %d logged episode(s)", len(rec.records))
+        else:
+            self._seed(exemplars)
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, config: LearnerConfig | None = None, *,
+                    state_dir: str | Path | None = None, public_keys=None) -> Learner:
+        """Load and verify the bundle (hashes; signature when keys are given)."""
+        return cls(load_bundle(path, public_keys=public_keys), config, state_dir=state_dir)
+
+    @classmethod
+    def load(cls, state_dir: str | Path, bundle: str | Path,
+             config: LearnerConfig | None = None, *, public_keys=None) -> Learner:
+        """Restore a learner saved in `state_dir` (checkpoint + log) on top of `bundle`."""
+        return cls.from_bundle(bundle, config, state_dir=state_dir, public_keys=public_keys)
+
+    # ------------------------------------------------------------------ set-up
+
+    def _load_exemplars(self) -> dict[str, np.ndarray] | None:
+        if "exemplars.npz" not in self.bundle.manifest["files"]:
+            return None
+        from agent.learner.state import load_exemplars
+
+        return load_exemplars(self.bundle, self.latent_dim)
+
+    def _make_coder(self, exemplars) -> SparseCoder:
+        files = self.bundle.manifest["files"]
+        if self.config.use_sae and "sae.npz" in files:
+            with np.load(self.bundle.file("sae.npz"), allow_pickle=False) as z:
+                return SparseCoder.from_sae(z["W_enc"], z["b_enc"], int(z["k"]))
+        center = None if exemplars is None else exemplars["latent_mean"]
+        return SparseCoder(self.latent_dim, self.config.sparse, center=center)
+
+    def _seed(self, exemplars) -> None:
+        """Seed the memory with the bundle's base-class exemplars (consolidated, surprise 0)
+        and calibrate the novelty threshold on them."""
+        if exemplars is None or self.config.exemplars_per_class == 0:
+            return
+        lat, lab = exemplars["latents"], exemplars["labels"]
+        keep = np.concatenate([np.flatnonzero(lab == c)[: self.config.exemplars_per_class]
+                               for c in np.unique(lab)])
+        lat, lab = lat[keep], lab[keep]
+        codes = self.coder.encode(lat)
+        for h, code, y in zip(lat, codes, lab, strict=True):
+            self.memory.add(h, code, int(y), surprise=0.0, ts=0.0)
+            self.readout.learn(code, int(y))
+        if len(lat) >= 2:
+            u = lat / np.linalg.norm(lat, axis=1, keepdims=True)
+            d = 1.0 - u @ u.T
+            np.fill_diagonal(d, np.inf)
+            nn = d.min(axis=1)
+            self.novelty_threshold = float(self.config.novelty_margin *
+                                           np.quantile(nn, self.config.novelty_quantile))
+
+    # ------------------------------------------------------------------ inputs
+
+    def _windows(self, windows, *, single: bool) -> np.ndarray:
+        shape = self.bundle.input.shape
+        x = np.asarray(windows)
+        if x.dtype.kind not in "fiu":
+            raise InputError(f"window dtype {x.dtype}, expected numbers (float32)")
+        if single:
+            if x.shape != shape:
+                raise InputError(f"window has shape {x.shape}, expected {shape}")
+            x = x[None]
+        elif x.ndim != len(shape) + 1 or x.shape[1:] != shape:
+            raise InputError(f"windows have shape {x.shape}, expected (B, {', '.join(map(str, shape))})")
+        x = x.astype(np.float32, copy=False)
+        bad = ~np.isfinite(x)
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise InputError(f"window holds NaN/Inf (first at index {where}); rejected")
+        return x
+
+    def _class_index(self, label) -> tuple[int, bool]:
+        if not isinstance(label, str) or not label or len(label) > MAX_LABEL_CHARS \
+                or not label.isprintable():
+            raise InputError(f"label {label!r}: expected a printable string of 1-"
+                             f"{MAX_LABEL_CHARS} characters")
+        idx = self._index.get(label)
+        if idx is not None:
+            return idx, False
+        self.classes.append(label)
+        self._index[label] = len(self.classes) - 1
+        log.info("new class %r (index %d)", label, len(self.classes) - 1)
+        return len(self.classes) - 1, True
+
+    # ------------------------------------------------------------------ predict
+
+    def _predict_latents(self, latents: np.ndarray, t0: float) -> list[Prediction]:
+        p_heads = softmax(self.head.logits(latents).astype(np.float64))   # (B, Kh)
+        n_classes = len(self.classes)
+        out = []
+        for h, p_head in zip(latents, p_heads, strict=True):
+            code = self.coder.encode_one(h)
+            ids, dist = self.memory.query(h, self.config.k_neighbors)
+            if ids.size:
+                labels = self.memory.get(ids).labels
+                knn = fusion.knn_scores(labels, dist, n_classes, self.config.vote_power)
+                nearest = float(dist[0])
+            else:
+                knn, nearest = np.zeros(n_classes), float("inf")
+            assoc = self.readout.scores(code) if self.config.assoc_weight else None
+            p_fast = fusion.mix_fast(knn, assoc, self.config.assoc_weight)
+            probs, decided_by = fusion.fuse(p_head, p_fast)
+            best = int(np.argmax(probs))
+            novelty = self.novelty_threshold is not None and nearest > self.novelty_threshold
+            out.append(Prediction(self.classes[best], probs, tuple(self.classes),
+                                  float(probs[best]), decided_by, bool(novelty), nearest,
+                                  (time.perf_counter() - t0) * 1e6 / len(latents)))
+        return out
+
+    def predict_one(self, window) -> Prediction:
+        """Predict one window of the bundle's input shape."""
+        t0 = time.perf_counter()
+        x = self._windows(window, single=True)
+        return self._predict_latents(self.encoder.encode(x), t0)[0]
+
+    def predict_many(self, windows) -> list[Prediction]:
+        """Predict a batch (B, *input_shape); the encoder runs once for the batch."""
+        t0 = time.perf_counter()
+        x = self._windows(windows, single=False)
+        return self._predict_latents(self.encoder.encode(x), t0) if len(x) else []
+
+    # ------------------------------------------------------------------ learn
+
+    def learn_one(self, window, label: str, *, ts: float | None = None) -> LearnResult:
+        """Learn from one labelled window: store it when it surprised the model.
+
+        A label never seen before creates a class. With a state directory, the episode is
+        in the write-ahead log (fsynced when ``durable``) before this returns.
+        """
+        t0 = time.perf_counter()
+        x = self._windows(window, single=True)
+        ts = time.time() if ts is None else float(ts)
+        h = self.encoder.encode(x)
+        with self._lock:
+            idx, new_class = self._class_index(label)
+            pred = self._predict_latents(h, t0)[0]
+            surprise = float(1.0 - pred.probs[idx]) if idx < len(pred.probs) else 1.0
+            surprise = min(max(surprise, 0.0), 1.0)
+            counts = self.memory.class_counts()
+            held = int(counts[idx]) if idx < counts.shape[0] else 0
+            store = (surprise >= self.config.surprise_threshold
+                     or held < self.config.min_class_episodes
+                     or self._rng.random() < self.config.store_confident_rate)
+            eid = None
+            if store:
+                if self.state is not None:
+                    self.state.log(LearnerState.encode_episode(h[0], label, surprise, ts),
+                                   durable=self.config.durable)
+                eid = self._apply(h[0], label, surprise, ts)
+                self._since_checkpoint += 1
+                if self.state is not None and self._since_checkpoint >= self.config.checkpoint_every:
+                    self.checkpoint()
+        return LearnResult(store, surprise, new_class, eid, pred)
+
+    def _apply(self, h: np.ndarray, label: str, surprise: float, ts: float) -> int:
+        idx, _ = self._class_index(label)
+        code = self.coder.encode_one(h)
+        eid = self.memory.add(h, code, idx, surprise=surprise, ts=ts)
+        self.readout.learn(code, idx)
+        self.n_stored += 1
+        return eid
+
+    # ------------------------------------------------------------------ persistence
+
+    def checkpoint(self) -> int | None:
+        """Write a checkpoint to the state directory (no-op without one); returns its number."""
+        if self.state is None:
+            return None
+        with self._lock:
+            arrays, files, info = snapshot(self)
+            number = self.state.checkpoint(arrays, files, info)
+            self._since_checkpoint = 0
+            return number
+
+    def save(self, directory: str | Path) -> int:
+        """Checkpoint into `directory`: the learner's own state directory, or a new one."""
+        if self.state is not None and Path(directory).resolve() == self.state.root.resolve():
+            return self.checkpoint()
+        with self._lock, StateDir(directory) as other:
+            other.recover()
+            arrays, files, info = snapshot(self)
+            return other.checkpoint(arrays, files, info)
+
+    def close(self) -> None:
+        if self.state is not None:
+            self.state.close()
+            self.state = None
+
+    def __enter__(self) -> Learner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stats(self) -> dict:
+        counts = self.memory.class_counts()
+        return {"classes": list(self.classes), "episodes": len(self.memory),
+                "capacity": self.config.capacity, "stored_total": self.n_stored,
+                "per_class": {self.classes[i]: int(n) for i, n in enumerate(counts) if n},
+                "novelty_threshold": self.novelty_threshold}
