@@ -74,3 +74,45 @@ class Classifier:
                 f"model.onnx returned shape {logits.shape}, expected "
                 f"({windows.shape[0]}, {len(self.bundle.classes)})")
         return softmax(logits.astype(np.float64))
+
+
+class Encoder:
+    """The bundle's frozen encoder (``encoder.onnx``): raw windows in, latents out.
+
+    Normalization is inside the graph, like ``model.onnx``; the latent is what the fast
+    system stores and the numpy head (`agent.head.Head`) reads.
+
+    >>> enc = Encoder(load_bundle("bundle/"))             # doctest: +SKIP
+    >>> enc.encode(np.zeros((4, 6, 128), "f4")).shape     # doctest: +SKIP
+    (4, 64)
+    """
+
+    def __init__(self, bundle: Bundle, *, threads: int = 1):
+        spec = bundle.manifest.get("encoder")
+        if not isinstance(spec, dict):
+            raise BundleError(f"{bundle.path}: the manifest has no 'encoder' section "
+                              "(a bundle from before the encoder/head split)")
+        latent_dim = bundle.manifest.get("latent_dim")
+        if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
+            raise BundleError(f"{bundle.path}: latent_dim={latent_dim!r}, expected an int >= 1")
+        self.bundle = bundle
+        self.latent_dim = latent_dim
+        self.session = make_session(bundle.file(spec.get("file", "encoder.onnx")),
+                                    threads=threads)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self.encode(np.zeros((1, *bundle.input.shape), dtype=np.float32))  # warm up
+
+    def encode(self, windows: np.ndarray) -> np.ndarray:
+        """``windows`` (B, *input.shape) -> latents (B, latent_dim) float32."""
+        windows = np.asarray(windows)
+        if windows.ndim != 1 + len(self.bundle.input.shape) \
+                or windows.shape[1:] != self.bundle.input.shape:
+            raise ValueError(f"windows have shape {windows.shape}, expected "
+                             f"(B, {', '.join(map(str, self.bundle.input.shape))})")
+        x = windows.astype(np.float32, copy=False)
+        (latent,) = self.session.run([self.output_name], {self.input_name: x})
+        if latent.shape != (windows.shape[0], self.latent_dim):
+            raise BundleError(f"encoder.onnx returned shape {latent.shape}, expected "
+                              f"({windows.shape[0]}, {self.latent_dim})")
+        return latent.astype(np.float32, copy=False)

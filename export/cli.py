@@ -1,4 +1,4 @@
-"""``reverie export train|verify``: registered through the ``reverie.commands`` entry point.
+"""``reverie export train|verify|probe``: registered through the ``reverie.commands`` entry point.
 
 Importing this module must stay cheap (no torch): `agent.cli` imports it to build the
 parser for every command. The handlers import the heavy modules.
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from agent.errors import ConfigError
 
 ARCH_CHOICES = ("mlp", "cnn1d")
 
@@ -33,6 +35,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--name", default=None, help="bundle name (default: the --out dir's name)")
     t.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     t.add_argument("--quiet", action="store_true", help="no per-epoch progress on stderr")
+    subset = t.add_mutually_exclusive_group()
+    subset.add_argument("--classes", default=None, metavar="A,B,..",
+                        help="train on these classes only (logit order as given); the others "
+                             "are recorded as held out for the device to learn")
+    subset.add_argument("--base-classes", type=int, default=None, metavar="K",
+                        help="train on the first K classes in the dataset's order")
+    t.add_argument("--split", default=None, metavar="early|late|N",
+                   help="where the encoder ends: 'early', 'late' or the number of hidden "
+                        "layers in the encoder (default: early, chosen by `export probe`)")
+    t.add_argument("--sae", action="store_true",
+                   help="also train a top-k sparse autoencoder on the latents (sae.npz)")
+    t.add_argument("--sae-units", type=int, default=None, metavar="M",
+                   help="sparse autoencoder units (default 1024)")
+    t.add_argument("--sae-active", type=float, default=None, metavar="F",
+                   help="fraction of units active per code (default 0.02)")
     t.set_defaults(func=_train)
 
     v = sub.add_parser("verify", help="check a bundle: hashes, ONNX validity, torch/ONNX parity",
@@ -40,19 +57,86 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("bundle", type=Path, metavar="BUNDLE/")
     v.add_argument("--data", type=Path, default=None, metavar="D.npz",
                    help="also check parity (and accuracy) on this dataset's windows")
+    v.add_argument("--public-key", type=Path, action="append", default=None, metavar="PATH",
+                   help="also require a valid signature by this key (repeatable)")
     v.set_defaults(func=_verify)
+
+    from export.sign import register_keygen, register_sign
+
+    register_keygen(sub)
+    register_sign(sub)
+
+    pr = sub.add_parser(
+        "probe", help="measure where to split: linear probes of each latent on unseen classes",
+        description="Train a base model on the first K classes, then fit a linear probe on "
+                    "the latents of every candidate split point over all classes and print "
+                    "its test accuracy on all, base and novel classes.")
+    pr.add_argument("--data", type=Path, required=True, metavar="D.npz", help="NPZ dataset")
+    pr.add_argument("--base-classes", type=int, required=True, metavar="K",
+                    help="the base model learns the first K classes; the rest are novel")
+    pr.add_argument("--arch", choices=ARCH_CHOICES, default=None,
+                    help="architecture (default: from the data's shape)")
+    pr.add_argument("--seeds", default="0", metavar="S,S,..",
+                    help="training seeds; the table gives mean and std (default 0)")
+    pr.add_argument("--epochs", type=int, default=None, help="maximum epochs (default 60)")
+    pr.add_argument("--json", type=Path, default=None, metavar="OUT",
+                    help="also write the full result as JSON")
+    pr.set_defaults(func=_probe)
 
 
 def _train(args: argparse.Namespace) -> int:
     from agent.bundle import load_bundle
+    from export.classes import parse_class_list
     from export.pipeline import train_bundle
+    from export.sae import SAEConfig
 
+    classes = parse_class_list(args.classes) if args.classes is not None else None
+    sae: bool | SAEConfig = args.sae
+    if args.sae_units is not None or args.sae_active is not None:
+        if not args.sae:
+            raise ConfigError("--sae-units/--sae-active need --sae")
+        defaults = SAEConfig()
+        sae = SAEConfig(n_units=args.sae_units or defaults.n_units,
+                        active_fraction=args.sae_active or defaults.active_fraction,
+                        seed=args.seed or 0, threads=args.threads or 1)
     out = train_bundle(args.data, args.out, arch=args.arch, epochs=args.epochs, seed=args.seed,
                        threads=args.threads, name=args.name, force=args.force,
-                       verbose=not args.quiet)
-    m = load_bundle(out).manifest["training"]["metrics"]
+                       classes=classes, base_classes=args.base_classes, split=args.split,
+                       sae=sae, verbose=not args.quiet)
+    manifest = load_bundle(out).manifest
+    m = manifest["training"]["metrics"]
     print(f"wrote {out}: test accuracy {m['test_accuracy']}, {m['epochs_run']} epochs "
           f"(best {m['best_epoch']}), {m['seconds']:.1f} s")
+    print(f"  classes {manifest['classes']}"
+          + (f", held out {manifest['held_out_classes']}" if manifest["held_out_classes"] else ""))
+    print(f"  latent {manifest['latent_dim']} ({manifest['split']['point']}), "
+          f"head {manifest['head']['dims']}")
+    if "sae" in manifest:
+        s = manifest["sae"]
+        print(f"  sae {s['config']['n_units']} units, k={s['config']['k']}: relative MSE "
+              f"{s['relative_mse_test']} on test latents, {s['active_fraction']:.2%} active")
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    import json
+
+    from export.probe import format_table, probe_splits
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
+    result = probe_splits(args.data, args.base_classes, arch=args.arch, seeds=seeds,
+                          epochs=args.epochs, verbose=True)
+    print(f"{result['data']}: base model on {result['base_classes']} of "
+          f"{result['n_classes']} classes (novel: {', '.join(result['held_out_classes'])}); "
+          f"seeds {seeds}; base test accuracy {result['base_model_test_accuracy']['mean']}")
+    print(format_table(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -61,5 +145,9 @@ def _verify(args: argparse.Namespace) -> int:
 
     report = verify_bundle(args.bundle, args.data)
     print("\n".join(report.lines()))
+    if args.public_key:
+        from export.sign import verify_signature
+
+        print(f"signature OK (key {verify_signature(args.bundle, args.public_key)})")
     print("bundle OK")
     return 0

@@ -29,36 +29,50 @@ import agent
 from agent.bundle import MANIFEST, write_manifest
 from agent.dataset import Dataset
 from agent.errors import BundleError, ConfigError
-from export.model import ReverieNet
+from export.model import HEAD_ACTIVATION, Encoder, ReverieNet
+from export.sae import SAE_FILE
 from export.train import TrainConfig
-from export.weights import WEIGHTS, save_weights
+from export.weights import HEAD, WEIGHTS, head_arrays, save_arrays, save_weights
 
 MODEL = "model.onnx"
+ENCODER = "encoder.onnx"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+LATENT_NAME = "latent"
 OPSET = 17
 
 
-def export_onnx(model: ReverieNet, path: Path, opset: int = OPSET) -> None:
-    """Write ``model`` (eval mode) as ONNX: ``input`` (batch, *input_shape) -> ``logits``."""
+def export_onnx(model: torch.nn.Module, path: Path, input_shape: tuple[int, ...],
+                output_name: str = OUTPUT_NAME, opset: int = OPSET) -> None:
+    """Write ``model`` (eval mode) as ONNX: ``input`` (batch, *input_shape) -> output."""
     model.eval()
-    example = torch.zeros((2, *model.cfg.input_shape))  # (B, C, T) or (B, F)
+    example = torch.zeros((2, *input_shape))  # (B, C, T) or (B, F)
     with warnings.catch_warnings():
         # The TorchScript exporter announces its own deprecation on every call.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(
             model, (example,), str(path), dynamo=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            input_names=[INPUT_NAME], output_names=[output_name],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}},
             do_constant_folding=True)
 
 
 def build_manifest(*, name: str, model: ReverieNet, ds: Dataset, train_cfg: TrainConfig,
                    metrics: dict[str, Any], dataset_info: dict[str, Any] | None = None,
+                   class_info: dict[str, Any] | None = None,
+                   latent_stats: dict[str, Any] | None = None,
+                   sae_report: dict[str, Any] | None = None,
+                   exemplars: dict[str, Any] | None = None,
                    opset: int = OPSET) -> dict[str, Any]:
-    """Everything the manifest says except ``format_version`` and ``files``."""
+    """Everything the manifest says except ``format_version`` and ``files``.
+
+    ``ds`` is the dataset as trained (after any class subset); ``class_info`` says what
+    the full dataset had (`export.classes.select_classes`).
+    """
     cfg = model.cfg
-    return {
+    class_info = class_info or {"dataset_classes": list(ds.classes), "held_out_classes": []}
+    head_dims = list(cfg.widths[cfg.split:])
+    manifest = {
         "name": name,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "input": {
@@ -73,7 +87,17 @@ def build_manifest(*, name: str, model: ReverieNet, ds: Dataset, train_cfg: Trai
             "baked_into_graph": True,
         },
         "classes": list(ds.classes),
+        "dataset_classes": list(class_info["dataset_classes"]),
+        "held_out_classes": list(class_info["held_out_classes"]),
         "latent_dim": cfg.latent_dim,
+        "split": {"index": cfg.split, "n_hidden": len(cfg.hidden),
+                  "point": cfg.split_description()},
+        "encoder": {"file": ENCODER, "input_name": INPUT_NAME, "output_name": LATENT_NAME,
+                    "output_shape": [cfg.latent_dim]},
+        "head": {"file": HEAD, "n_layers": len(head_dims) - 1, "dims": head_dims,
+                 "activation": HEAD_ACTIVATION,
+                 "schema": "W{i} (out, in), b{i} (out,) float32 for i < n_layers: "
+                           "h = act(h @ W{i}.T + b{i}), no act after the last layer"},
         "arch": cfg.to_dict(),
         "onnx": {"input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "opset": opset,
                  "exporter": "torchscript"},
@@ -86,6 +110,13 @@ def build_manifest(*, name: str, model: ReverieNet, ds: Dataset, train_cfg: Trai
         "training": {"metrics": metrics, "config": train_cfg.to_dict(),
                      "dataset": dataset_info or {}},
     }
+    if latent_stats is not None:
+        manifest["latent_stats"] = latent_stats
+    if sae_report is not None:
+        manifest["sae"] = {"file": SAE_FILE, **sae_report}
+    if exemplars is not None:
+        manifest["exemplars"] = exemplars
+    return manifest
 
 
 def check_output_dir(out_dir: Path, force: bool) -> None:
@@ -128,8 +159,11 @@ def _move_into_place(staging: Path, out_dir: Path, force: bool) -> None:
 
 
 def write_bundle(out_dir: str | Path, model: ReverieNet, manifest: dict[str, Any], *,
-                 force: bool = False, check: Callable[[Path], object] | None = None) -> Path:
-    """Write model.onnx, weights.npz and manifest.json into ``out_dir`` atomically.
+                 force: bool = False, check: Callable[[Path], object] | None = None,
+                 extra_arrays: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write model.onnx, encoder.onnx, head.npz, weights.npz, one ``.npz`` per entry of
+    ``extra_arrays`` (file name -> arrays, e.g. sae.npz) and manifest.json into
+    ``out_dir`` atomically.
 
     ``check(staging_dir)`` runs on the complete bundle before it is moved into place;
     if it raises, nothing appears at ``out_dir``.
@@ -143,8 +177,14 @@ def write_bundle(out_dir: str | Path, model: ReverieNet, manifest: dict[str, Any
         raise BundleError(f"{out_dir}: cannot create the bundle directory ({exc})") from None
     try:
         os.chmod(staging, 0o755)  # mkdtemp makes it 0700
-        export_onnx(model, staging / MODEL, manifest["onnx"]["opset"])
+        opset = manifest["onnx"]["opset"]
+        shape = model.cfg.input_shape
+        export_onnx(model, staging / MODEL, shape, OUTPUT_NAME, opset)
+        export_onnx(Encoder(model), staging / ENCODER, shape, LATENT_NAME, opset)
+        save_arrays(staging / HEAD, head_arrays(model))
         save_weights(model, staging / WEIGHTS)
+        for fname, arrays in (extra_arrays or {}).items():
+            save_arrays(staging / fname, arrays)
         write_manifest(staging, manifest)
         for f in staging.iterdir():
             _fsync(f)

@@ -2,32 +2,80 @@
 
     from export import train_bundle
     path = train_bundle("digits.npz", "bundles/digits", epochs=30)
+    path = train_bundle("digits.npz", "bundles/digits5", base_classes=5, sae=True)
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from agent.bundle import sha256_file
 from agent.dataset import load_dataset
+from export.classes import select_classes
 from export.model import ArchConfig
 from export.onnx_export import build_manifest, check_output_dir, write_bundle
-from export.train import TrainConfig, check_trainable, train
-from export.verify import verify_bundle
+from export.probe import latents
+from export.sae import SAE_FILE, SAEConfig, train_sae
+from export.train import TrainConfig, check_trainable, deterministic_torch, train
+from export.verify import EXEMPLARS, verify_bundle
+
+
+def latent_stats(Z: np.ndarray) -> dict[str, Any]:
+    """Mean and std per latent unit over the training latents (the device centres sparse
+    codes and scales distances with them), and how often each unit is zero."""
+    Z64 = Z.astype(np.float64)
+    return {"n": len(Z), "mean": [round(float(v), 6) for v in Z64.mean(axis=0)],
+            "std": [round(float(v), 6) for v in Z64.std(axis=0)],
+            "zero_fraction": round(float(np.mean(Z == 0)), 6)}
+
+
+EXEMPLARS_PER_CLASS = 64
+
+
+def exemplar_arrays(Z: np.ndarray, y: np.ndarray, per_class: int, seed: int
+                    ) -> dict[str, np.ndarray]:
+    """``exemplars.npz``: a seeded, class-balanced sample of training latents for the
+    device to seed its episodic memory with (replay of the base classes).
+
+    ``latents`` (n, d) float32 (all-zero latents skipped: cosine distance needs a
+    direction), ``labels`` (n,) int64 indices into the manifest's classes, ``latent_mean``
+    (d,) float32 over all training latents.
+    """
+    rng = np.random.default_rng(seed)
+    nonzero = np.flatnonzero(np.abs(Z).sum(axis=1) > 0)
+    rows = []
+    for c in np.unique(y):
+        mine = nonzero[y[nonzero] == c]
+        rows.append(np.sort(rng.permutation(mine)[:per_class]))
+    rows = np.concatenate(rows)
+    return {"latents": Z[rows].astype(np.float32), "labels": y[rows].astype(np.int64),
+            "latent_mean": Z.astype(np.float64).mean(axis=0).astype(np.float32)}
 
 
 def train_bundle(data_path: str | Path, out_dir: str | Path, *, arch: str | None = None,
                  epochs: int | None = None, seed: int | None = None,
                  threads: int | None = None, name: str | None = None,
                  force: bool = False, train_config: TrainConfig | None = None,
+                 classes: Sequence[str] | None = None, base_classes: int | None = None,
+                 split: int | str | None = None, sae: bool | SAEConfig = False,
                  verbose: bool = True) -> Path:
     """Train on the NPZ dataset at ``data_path`` and write a verified bundle to ``out_dir``.
 
     ``epochs``, ``seed`` and ``threads`` override ``train_config``; ``arch``
-    ("mlp" | "cnn1d") defaults to the data's shape. The bundle is verified (hashes,
-    onnx.checker, parity) before it is moved into place; on any error nothing is left
-    at ``out_dir``.
+    ("mlp" | "cnn1d") defaults to the data's shape. ``classes`` (names) or
+    ``base_classes`` (the first K in the dataset's order) train on a subset; the others
+    are recorded as held out. ``split`` ("early" | "late" | an index; see
+    `export.model`) sets where the encoder ends. ``sae`` (True or an `SAEConfig`) also
+    trains a top-k sparse autoencoder on the training latents (``sae.npz``).
+
+    The bundle is verified (hashes, onnx.checker, parity of model.onnx, encoder.onnx and
+    the numpy head) before it is moved into place; on any error nothing is left at
+    ``out_dir``.
     """
     data_path, out_dir = Path(data_path), Path(out_dir)
     cfg = train_config or TrainConfig()
@@ -37,16 +85,35 @@ def train_bundle(data_path: str | Path, out_dir: str | Path, *, arch: str | None
         cfg = replace(cfg, seed=seed)
     if threads is not None:
         cfg = replace(cfg, threads=threads)
+    sae_cfg = None
+    if sae:
+        sae_cfg = sae if isinstance(sae, SAEConfig) else SAEConfig(seed=cfg.seed,
+                                                                   threads=cfg.threads)
     check_output_dir(out_dir.absolute(), force)  # fail before training, not after
-    ds = load_dataset(data_path, seed=cfg.seed)
+    full = load_dataset(data_path, seed=cfg.seed)
+    ds, class_info = select_classes(full, classes, base_classes)
     check_trainable(ds)
-    arch_cfg = ArchConfig.for_data(ds.input_shape, len(ds.classes), arch)
+    arch_cfg = ArchConfig.for_data(ds.input_shape, len(ds.classes), arch, split=split)
 
     model, metrics = train(ds, cfg, arch_cfg, verbose=verbose)
+    with deterministic_torch(cfg.threads):
+        Z_train = latents(model, ds.X, model.cfg.split)
+        Z_test = latents(model, ds.X_test, model.cfg.split)
+    extra = {EXEMPLARS: exemplar_arrays(Z_train, ds.y, EXEMPLARS_PER_CLASS, cfg.seed)}
+    sae_report = None
+    if sae_cfg is not None:
+        held_out = np.isin(np.asarray(full.classes)[full.y_test], class_info["held_out_classes"])
+        with deterministic_torch(cfg.threads):
+            Z_held_out = latents(model, full.X_test[held_out], model.cfg.split)
+        extra[SAE_FILE], sae_report = train_sae(Z_train, Z_test, sae_cfg, Z_held_out)
     manifest = build_manifest(
         name=name or out_dir.absolute().name, model=model, ds=ds, train_cfg=cfg,
-        metrics=metrics,
+        metrics=metrics, class_info=class_info, latent_stats=latent_stats(Z_train),
+        sae_report=sae_report,
+        exemplars={"file": EXEMPLARS, "per_class": EXEMPLARS_PER_CLASS,
+                   "n": len(extra[EXEMPLARS]["labels"])},
         dataset_info={"file": data_path.name, "sha256": sha256_file(data_path),
                       "input_shape": list(ds.input_shape)})
-    return write_bundle(out_dir, model, manifest, force=force,
+    return write_bundle(out_dir, model, manifest, force=force, extra_arrays=extra,
                         check=lambda staging: verify_bundle(staging, seed=cfg.seed))
+

@@ -9,15 +9,19 @@ The model (Makhzani & Frey 2013; Gao et al. 2024) in the latent space of the bun
 
 Training runs in a normalized space (latents centred on their training mean and divided
 by one global scale, so the geometry is unchanged), with unit-norm decoder columns and
-the encoder initialised as the decoder's transpose; the exported arrays have the
-normalization folded in, so the formulas above hold on raw latents, exactly as
+the encoder initialised as the decoder's transpose. (An AuxK loss for dead units was
+tried: on digits it cut dead units from 27% to 15% for 50% more time, on the simulated
+data it did nothing; left out.) The exported arrays have the normalization folded in,
+so the formulas above hold on raw latents, exactly as
 `agent.memory.sparse.SparseCoder.from_sae` applies them.
 
 ``sae.npz`` (``np.load(..., allow_pickle=False)``): ``W_enc`` float32 (m, d), ``b_enc``
 (m,), ``W_dec`` float32 (d, m), ``b_dec`` (d,), ``k`` int64 scalar. The report (in the
 manifest's ``sae``) gives the reconstruction error as relative MSE,
 ``sum |x - x_hat|^2 / sum |x - mean_train|^2`` (fraction of variance unexplained), and
-the fraction of units active, both measured on test latents with the exported arrays.
+the fraction of units active, both measured on test latents with the exported arrays;
+``relative_mse_held_out`` is the error on latents of classes held out of training (the
+ones the device will learn), when given.
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ SAE_FILE = "sae.npz"
 class SAEConfig:
     n_units: int = 1024
     active_fraction: float = 0.02
+    # 1500 steps of 64: ~9 s on a busy core for d=128, m=1024 (digits: 3.1% relative
+    # MSE on test latents; batches of 256 reached 3.3% in 23 s).
     steps: int = 1500
-    batch_size: int = 256
+    batch_size: int = 64
     lr: float = 2e-3
     seed: int = 0
     threads: int = 1
@@ -83,17 +89,19 @@ def sae_reconstruct(arrays: dict[str, np.ndarray], X: np.ndarray) -> np.ndarray:
     return sae_codes(arrays, X) @ arrays["W_dec"].T + arrays["b_dec"]     # (N, d)
 
 
-def _topk_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
-                  W_dec: torch.Tensor, b_dec: torch.Tensor, k: int) -> torch.Tensor:
-    pre = torch.relu(x @ W_enc.T + b_enc)                    # (B, m)
-    vals, idx = pre.topk(k, dim=1)                           # (B, k)
-    z = torch.zeros_like(pre).scatter(1, idx, vals)          # (B, m)
-    return z @ W_dec.T + b_dec                               # (B, d)
+def _decode(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    # Only the k active atoms: B*k*d multiply-adds instead of B*m*d.
+    atoms = W_dec.T[idx]                                     # (B, k, d)
+    return (vals.unsqueeze(-1) * atoms).sum(dim=1)           # (B, d)
 
 
-def train_sae(Z_train: np.ndarray, Z_test: np.ndarray, cfg: SAEConfig = SAEConfig()
+def train_sae(Z_train: np.ndarray, Z_test: np.ndarray, cfg: SAEConfig = SAEConfig(),
+              Z_held_out: np.ndarray | None = None
               ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Train on latents ``Z_train (N, d)``; return the exported arrays and a report."""
+    """Train on latents ``Z_train (N, d)``; return the exported arrays and a report.
+
+    ``Z_test`` (and ``Z_held_out``, latents of classes not trained on) only measure.
+    """
     Z_train = np.asarray(Z_train, np.float32)
     Z_test = np.asarray(Z_test, np.float32)
     if Z_train.ndim != 2 or len(Z_train) < 2:
@@ -119,16 +127,17 @@ def train_sae(Z_train: np.ndarray, Z_test: np.ndarray, cfg: SAEConfig = SAEConfi
         opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=cfg.lr)
         batch = min(cfg.batch_size, len(X))
         for _ in range(cfg.steps):
-            idx = torch.randint(len(X), (batch,), generator=gen)
-            xb = X[idx]
-            loss = ((_topk_forward(xb, W_enc, b_enc, W_dec, b_dec, k) - xb) ** 2).mean()
+            xb = X[torch.randint(len(X), (batch,), generator=gen)]      # (B, d)
+            pre = torch.relu(xb @ W_enc.T + b_enc)                       # (B, m)
+            vals, idx = pre.topk(k, dim=1)                               # (B, k)
+            loss = ((_decode(vals, idx, W_dec) + b_dec - xb) ** 2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             with torch.no_grad():   # unit-norm dictionary atoms: the scale lives in z
                 W_dec /= W_dec.norm(dim=0, keepdim=True).clamp_min(1e-8)
-        if not math.isfinite(float(loss)):
-            raise ConfigError(f"sae training diverged (loss {float(loss)}); try a lower lr "
+        if not math.isfinite(loss.item()):
+            raise ConfigError(f"sae training diverged (loss {loss.item()}); try a lower lr "
                               f"than {cfg.lr}")
         We, be = W_enc.detach().double().numpy(), b_enc.detach().double().numpy()
         Wd, bd = W_dec.detach().double().numpy(), b_dec.detach().double().numpy()
@@ -140,9 +149,14 @@ def train_sae(Z_train: np.ndarray, Z_test: np.ndarray, cfg: SAEConfig = SAEConfi
         "b_dec": (bd * scale + mu).astype(np.float32),
         "k": np.array(k, dtype=np.int64),
     }
-    return arrays, {"config": cfg.to_dict(), "latent_dim": d,
-                    **sae_metrics(arrays, Z_train, Z_test, mu),
-                    "seconds": round(time.perf_counter() - t0, 3)}
+    report = {"config": cfg.to_dict(), "latent_dim": d,
+              **sae_metrics(arrays, Z_train, Z_test, mu)}
+    if Z_held_out is not None and len(Z_held_out):
+        report["relative_mse_held_out"] = _relative_mse(
+            arrays, np.asarray(Z_held_out, np.float32), mu)
+        report["n_held_out"] = len(Z_held_out)
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    return arrays, report
 
 
 def _relative_mse(arrays: dict[str, np.ndarray], Z: np.ndarray, mu: np.ndarray) -> float | None:

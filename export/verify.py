@@ -1,15 +1,23 @@
-"""Check a bundle end to end: manifest and hashes, ONNX validity, torch/ONNX parity.
+"""Check a bundle end to end: manifest and hashes, ONNX validity, parity of every path.
 
     report = verify_bundle("bundles/digits", data="digits.npz")
 
-Parity compares onnxruntime (CPU, one thread) with a torch model rebuilt from the
-bundle alone (manifest ``arch`` + ``normalization`` + ``weights.npz``), on random raw
-inputs drawn around the recorded normalization and, optionally, on a dataset's windows.
-Any failure raises BundleError or VerifyError naming what failed.
+Three parities, each within ``tol`` (1e-4 absolute), on random raw inputs drawn around
+the recorded normalization and, optionally, on a dataset's windows:
+
+* ``model.onnx`` (onnxruntime, CPU, one thread) vs a torch model rebuilt from the bundle
+  alone (manifest ``arch`` + ``normalization`` + ``weights.npz``), on logits;
+* ``encoder.onnx`` vs that torch model's encoder, on latents;
+* ``encoder.onnx`` + the numpy head (`agent.head.Head` on ``head.npz``) vs
+  ``model.onnx``, on logits: what the device computes vs the whole exported model.
+
+``sae.npz``, when listed, must hold well-formed arrays for the latent dim. Any failure
+raises BundleError or VerifyError naming what failed.
 """
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +29,15 @@ import torch
 from agent.bundle import Bundle, load_bundle
 from agent.dataset import load_dataset
 from agent.errors import DatasetError
+from agent.head import Head
 from export.errors import VerifyError
+from export.sae import SAE_FILE, check_sae_arrays
 from export.train import deterministic_torch
-from export.weights import WEIGHTS, model_from_manifest
+from export.weights import HEAD, WEIGHTS, model_from_manifest
+
+MODEL = "model.onnx"
+ENCODER = "encoder.onnx"
+EXEMPLARS = "exemplars.npz"
 
 TOLERANCE = 1e-4
 MAX_DATA_ROWS = 1024
@@ -35,30 +49,33 @@ class VerifyReport:
     bundle_id: str
     checks: list[str] = field(default_factory=list)
     max_abs_diff: dict[str, float] = field(default_factory=dict)  # "random"/"data" -> diff
-    data_accuracy: float | None = None
+    diffs: dict[str, dict[str, float]] = field(default_factory=dict)  # per compared pair
+    data_accuracy: float | None = None  # on the data rows of the bundle's classes
+    data_rows_scored: int = 0
 
     def lines(self) -> list[str]:
         out = [f"bundle {self.path} (id {self.bundle_id})"]
         out += [f"  ok  {c}" for c in self.checks]
         if self.data_accuracy is not None:
-            out.append(f"  accuracy on data: {self.data_accuracy:.4f}")
+            out.append(f"  accuracy on data: {self.data_accuracy:.4f} "
+                       f"({self.data_rows_scored} rows of the bundle's classes)")
         return out
 
 
-def _check_onnx(bundle: Bundle) -> onnx.ModelProto:
-    path = bundle.file("model.onnx")
+def _check_onnx(bundle: Bundle, name: str, input_name: str | None, output_name: str | None
+                ) -> onnx.ModelProto:
+    path = bundle.file(name)
     try:
         proto = onnx.load(str(path))
         onnx.checker.check_model(proto)
     except Exception as exc:  # onnx raises several unrelated types for a broken file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VerifyError(f"{path}: not a valid ONNX model ({first})") from None
-    spec = bundle.manifest.get("onnx") or {}
     inputs = [i.name for i in proto.graph.input]
     outputs = [o.name for o in proto.graph.output]
-    if inputs != [spec.get("input_name")] or outputs != [spec.get("output_name")]:
+    if inputs != [input_name] or outputs != [output_name]:
         raise VerifyError(f"{path}: graph inputs {inputs} / outputs {outputs} do not match the "
-                          f"manifest's onnx {spec}")
+                          f"manifest ({input_name!r} -> {output_name!r})")
     return proto
 
 
@@ -83,9 +100,9 @@ def _random_inputs(bundle: Bundle, n: int, seed: int) -> np.ndarray:
     return (mean + 2.0 * std * rng.standard_normal((n, *shape))).astype(np.float32)
 
 
-def _data_inputs(bundle: Bundle, data: Path, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Up to MAX_DATA_ROWS windows of the dataset, and labels as bundle class indices if
-    every dataset class is a bundle class (else None)."""
+def _data_inputs(bundle: Bundle, data: Path, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to MAX_DATA_ROWS windows of the dataset, and labels as bundle class indices
+    (-1 for a class the bundle does not have, e.g. one held out of training)."""
     ds = load_dataset(data, seed=seed)
     if ds.input_shape != bundle.input.shape:
         raise DatasetError(f"{data}: windows have shape {ds.input_shape}, the bundle expects "
@@ -96,58 +113,147 @@ def _data_inputs(bundle: Bundle, data: Path, seed: int) -> tuple[np.ndarray, np.
         rows = np.sort(np.random.default_rng(seed).choice(len(X), MAX_DATA_ROWS, replace=False))
         X, y = X[rows], y[rows]
     index = {c: i for i, c in enumerate(bundle.classes)}
-    if not set(ds.classes) <= set(index):
-        return X, None
-    remap = np.array([index[c] for c in ds.classes], dtype=np.int64)
+    remap = np.array([index.get(c, -1) for c in ds.classes], dtype=np.int64)
     return X, remap[y]
 
 
-def _parity(what: str, sess: ort.InferenceSession, model: torch.nn.Module, X: np.ndarray,
-            input_name: str, tol: float, batch: int = 256) -> tuple[float, np.ndarray]:
-    diffs, all_logits = [], []
-    with torch.no_grad(), deterministic_torch(threads=1):
-        for start in range(0, len(X), batch):
-            xb = X[start:start + batch]
-            got = sess.run(None, {input_name: xb})[0]          # (B, K)
-            ref = model(torch.from_numpy(xb)).numpy()          # (B, K)
-            if got.shape != ref.shape:
-                raise VerifyError(f"parity on {what}: onnx logits {got.shape} vs torch {ref.shape}")
-            diffs.append(float(np.max(np.abs(got - ref))))
-            all_logits.append(got)
-    diff = max(diffs)
-    if not diff <= tol:  # also catches NaN
-        raise VerifyError(f"parity on {what}: max |onnx - torch| = {diff:.3g} on logits exceeds "
-                          f"{tol:g} (model.onnx and {WEIGHTS} disagree)")
-    return diff, np.concatenate(all_logits)
+@dataclass
+class _Runtimes:
+    """Everything that computes outputs from a bundle, for the parity checks."""
+
+    model: torch.nn.Module      # torch, rebuilt from the manifest + weights.npz
+    full: ort.InferenceSession  # model.onnx
+    encoder: ort.InferenceSession
+    head: Head                  # numpy, head.npz
+    input_name: str
+    encoder_input: str
+
+    def outputs(self, X: np.ndarray, batch: int = 256) -> dict[str, np.ndarray]:
+        keys = ("onnx_logits", "torch_logits", "onnx_latent", "torch_latent", "head_logits")
+        out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+        with torch.no_grad(), deterministic_torch(threads=1):
+            for start in range(0, len(X), batch):
+                xb = X[start:start + batch]
+                out["onnx_logits"].append(self.full.run(None, {self.input_name: xb})[0])
+                out["torch_logits"].append(self.model(torch.from_numpy(xb)).numpy())
+                latent = self.encoder.run(None, {self.encoder_input: xb})[0]      # (B, d)
+                out["onnx_latent"].append(latent)
+                out["torch_latent"].append(self.model.embed(torch.from_numpy(xb)).numpy())
+                out["head_logits"].append(self.head.logits(latent))              # (B, K)
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+
+# (report key, got, reference, what is compared, which files disagree when it fails)
+_PAIRS = (
+    ("model_vs_torch", "onnx_logits", "torch_logits", "|model.onnx - torch| on logits",
+     f"model.onnx and {WEIGHTS} disagree"),
+    ("encoder_vs_torch", "onnx_latent", "torch_latent",
+     "|encoder.onnx - torch encoder| on latents", f"encoder.onnx and {WEIGHTS} disagree"),
+    ("encoder_head_vs_model", "head_logits", "onnx_logits",
+     "|encoder.onnx + numpy head - model.onnx| on logits",
+     f"{HEAD} or encoder.onnx disagree with model.onnx"),
+)
+
+
+def _parity(what: str, rt: _Runtimes, X: np.ndarray, tol: float
+            ) -> tuple[dict[str, float], np.ndarray]:
+    out = rt.outputs(X)
+    diffs = {}
+    for key, got, ref, label, hint in _PAIRS:
+        if out[got].shape != out[ref].shape:
+            raise VerifyError(f"parity on {what}: {got} {out[got].shape} vs {ref} "
+                              f"{out[ref].shape} ({hint})")
+        diff = float(np.max(np.abs(out[got] - out[ref]))) if out[got].size else 0.0
+        if not diff <= tol:  # also catches NaN
+            raise VerifyError(f"parity on {what}: max {label} = {diff:.3g} exceeds {tol:g} "
+                              f"({hint})")
+        diffs[key] = diff
+    return diffs, out["onnx_logits"]
+
+
+def _check_sae(bundle: Bundle) -> str:
+    path = bundle.file(SAE_FILE)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise VerifyError(f"{path}: not a readable sae file ({exc})") from None
+    problem = check_sae_arrays(arrays, bundle.manifest["latent_dim"])
+    if problem:
+        raise VerifyError(f"{path}: {problem}")
+    m, k = arrays["W_enc"].shape[0], int(arrays["k"])
+    return f"{SAE_FILE}: {m} units, k={k} ({k / m:.1%} active)"
+
+
+def _check_exemplars(bundle: Bundle) -> str:
+    path = bundle.file(EXEMPLARS)
+    d, k = bundle.manifest["latent_dim"], len(bundle.classes)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            lat, lab, mean = npz["latents"], npz["labels"], npz["latent_mean"]
+    except (KeyError, OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise VerifyError(f"{path}: not a readable exemplars file ({exc})") from None
+    if lat.dtype != np.float32 or lat.ndim != 2 or lat.shape[1] != d \
+            or lab.shape != (len(lat),) or lab.dtype.kind not in "iu" \
+            or mean.shape != (d,) or not (np.isfinite(lat).all() and np.isfinite(mean).all()):
+        raise VerifyError(f"{path}: expected latents float32 (n, {d}), labels (n,) ints and "
+                          f"latent_mean ({d},), got {lat.dtype}{list(lat.shape)}, "
+                          f"{lab.dtype}{list(lab.shape)}, {list(mean.shape)}")
+    if lab.size and (lab.min() < 0 or lab.max() >= k):
+        raise VerifyError(f"{path}: labels outside [0, {k})")
+    return f"{EXEMPLARS}: {len(lat)} latents of {len(np.unique(lab))} classes"
 
 
 def verify_bundle(path: str | Path, data: str | Path | None = None, *, n_random: int = 64,
                   tol: float = TOLERANCE, seed: int = 0) -> VerifyReport:
     """Verify the bundle at ``path``; return a report or raise BundleError/VerifyError."""
     bundle = load_bundle(path)
+    m = bundle.manifest
     report = VerifyReport(bundle.path, bundle.bundle_id)
-    report.checks.append(f"manifest format_version {bundle.manifest['format_version']}, "
-                         f"sha256 of {len(bundle.manifest['files'])} files")
-    proto = _check_onnx(bundle)
-    report.checks.append(f"onnx.checker: model.onnx (opset "
+    report.checks.append(f"manifest format_version {m['format_version']}, "
+                         f"sha256 of {len(m['files'])} files")
+    spec = m.get("onnx") or {}
+    proto = _check_onnx(bundle, MODEL, spec.get("input_name"), spec.get("output_name"))
+    enc_spec = m.get("encoder")
+    if not isinstance(enc_spec, dict) or enc_spec.get("file") != ENCODER:
+        raise VerifyError(f"{bundle.path}: the manifest has no 'encoder' section naming "
+                          f"{ENCODER} (a bundle from before the encoder/head split?)")
+    _check_onnx(bundle, ENCODER, enc_spec.get("input_name"), enc_spec.get("output_name"))
+    report.checks.append(f"onnx.checker: {MODEL}, {ENCODER} (opset "
                          f"{max(o.version for o in proto.opset_import)})")
     bundle.file(WEIGHTS)  # raises BundleError if the manifest does not list (and hash) it
-    model = model_from_manifest(bundle.path, bundle.manifest)
-    report.checks.append(f"torch model rebuilt from manifest arch "
-                         f"{bundle.manifest['arch']['arch']!r} + {WEIGHTS}")
-    sess = _session(bundle.file("model.onnx"))
-    input_name = bundle.manifest["onnx"]["input_name"]
+    model = model_from_manifest(bundle.path, m)
+    report.checks.append(f"torch model rebuilt from manifest arch {m['arch']['arch']!r} + "
+                         f"{WEIGHTS} (split {model.cfg.split}: {model.cfg.split_description()})")
+    if m.get("latent_dim") != model.cfg.latent_dim:
+        raise VerifyError(f"{bundle.path}: manifest latent_dim={m.get('latent_dim')!r}, the "
+                          f"arch's latent is {model.cfg.latent_dim}")
+    head = Head.from_npz(bundle.file(HEAD), m)
+    report.checks.append(f"{HEAD}: {head.n_layers} layers, {head.latent_dim} -> "
+                         f"{head.n_classes}, {head.activation}")
+    rt = _Runtimes(model, _session(bundle.file(MODEL)), _session(bundle.file(ENCODER)), head,
+                   spec["input_name"], enc_spec["input_name"])
 
     X = _random_inputs(bundle, n_random, seed)
-    diff, _ = _parity("random inputs", sess, model, X, input_name, tol)
-    report.max_abs_diff["random"] = diff
-    report.checks.append(f"parity on {n_random} random inputs: max abs diff {diff:.2e} <= {tol:g}")
+    diffs, _ = _parity("random inputs", rt, X, tol)
+    report.max_abs_diff["random"] = max(diffs.values())
+    report.diffs["random"] = diffs
+    report.checks.append(f"parity on {n_random} random inputs (model.onnx/torch, encoder.onnx/"
+                         f"torch, encoder+head/model.onnx): max abs diff "
+                         f"{max(diffs.values()):.2e} <= {tol:g}")
     if data is not None:
         X, y = _data_inputs(bundle, Path(data), seed)
-        diff, logits = _parity(f"data {data}", sess, model, X, input_name, tol)
-        report.max_abs_diff["data"] = diff
-        report.checks.append(
-            f"parity on {len(X)} rows of {data}: max abs diff {diff:.2e} <= {tol:g}")
-        if y is not None:
-            report.data_accuracy = float(np.mean(logits.argmax(axis=1) == y))
+        diffs, logits = _parity(f"data {data}", rt, X, tol)
+        report.max_abs_diff["data"] = max(diffs.values())
+        report.diffs["data"] = diffs
+        report.checks.append(f"parity on {len(X)} rows of {data}: max abs diff "
+                             f"{max(diffs.values()):.2e} <= {tol:g}")
+        known = y >= 0
+        if known.any():
+            report.data_accuracy = float(np.mean(logits[known].argmax(axis=1) == y[known]))
+            report.data_rows_scored = int(known.sum())
+    if SAE_FILE in m["files"]:
+        report.checks.append(_check_sae(bundle))
+    if EXEMPLARS in m["files"]:
+        report.checks.append(_check_exemplars(bundle))
     return report

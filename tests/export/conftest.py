@@ -57,3 +57,17 @@ def synthetic_bundle(tmp_path_factory, synthetic_npz) -> Path:
 
     return train_bundle(synthetic_npz, tmp_path_factory.mktemp("bundles") / "synthetic",
                         epochs=12, verbose=False)
+
+
+BASE_DIGITS = 5
+SAE_TEST = {"n_units": 512, "active_fraction": 0.02, "steps": 300}  # k = 10
+
+
+@pytest.fixture(scope="session")
+def digits5_bundle(tmp_path_factory, digits_npz) -> Path:
+    """Trained on digits 0-4 only, with a small sparse autoencoder."""
+    from export import train_bundle
+    from export.sae import SAEConfig
+
+    return train_bundle(digits_npz, tmp_path_factory.mktemp("bundles") / "digits5", epochs=15,
+                        base_classes=BASE_DIGITS, sae=SAEConfig(**SAE_TEST), verbose=False)

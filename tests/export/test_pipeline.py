@@ -24,7 +24,8 @@ def test_digits_bundle_loads_and_verifies(digits_bundle, digits_npz):
     m = b.manifest
     assert b.classes == tuple(str(i) for i in range(10))
     assert b.input.shape == (64,)
-    assert set(m["files"]) == {"model.onnx", "weights.npz"}
+    assert set(m["files"]) == {"model.onnx", "weights.npz", "encoder.onnx", "head.npz",
+                               "exemplars.npz"}
     assert m["arch"]["arch"] == "mlp"
     assert m["normalization"]["baked_into_graph"] is True
     assert len(m["normalization"]["mean"]) == 64
@@ -84,7 +85,7 @@ def test_weights_that_disagree_with_the_graph_fail_parity(digits_bundle, tmp_pat
     copy = _copy(digits_bundle, tmp_path)
     with np.load(copy / "weights.npz", allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
-    arrays["head.1.bias"] = arrays["head.1.bias"] + np.float32(0.01)
+    arrays["dense.2.bias"] = arrays["dense.2.bias"] + np.float32(0.01)
     np.savez(copy / "weights.npz", **arrays)
     write_manifest(copy, json.loads((copy / "manifest.json").read_text()))
     with pytest.raises(VerifyError, match="parity on random inputs"):
@@ -99,7 +100,7 @@ def test_training_is_deterministic_for_a_seed(digits_npz):
     c, _ = train(ds, TrainConfig(epochs=2, seed=4), verbose=False)
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
-    assert not torch.equal(a.state_dict()["head.1.weight"], c.state_dict()["head.1.weight"])
+    assert not torch.equal(a.state_dict()["dense.2.weight"], c.state_dict()["dense.2.weight"])
 
 
 def test_failed_write_leaves_no_bundle(digits_npz, tmp_path):

@@ -18,7 +18,7 @@ def test_predicts_base_classes_with_the_head(learner):
     preds = learner.predict_many(windows("run", 20, seed=3))
     assert all(abs(p.probs.sum() - 1) < 1e-6 and p.classes == BASE for p in preds)
     assert sum(p.label == "run" for p in preds) >= 15   # the small test model is ~85-95%
-    assert all(p.decided_by == "slow" for p in preds)   # empty memory: the head alone
+    assert all(p.decided_by in ("slow", "agree") for p in preds)  # only base classes known
     one = learner.predict_one(windows("idle", 1, seed=4)[0])
     assert one.label == "idle" and 0 < one.confidence <= 1 and one.latency_us > 0
 
