@@ -144,6 +144,10 @@ class ArchConfig:
         """Pick the arch from the data's shape unless given: (C, T) -> cnn1d, (F,) -> mlp."""
         if arch is None:
             arch = "cnn1d" if len(input_shape) == 2 else "mlp"
+        if arch == "mlp":
+            overrides.setdefault("hidden", (256, 64))
+        if arch == "mlp":
+            overrides.setdefault("hidden", (256, 64))
         return cls(arch=arch, input_shape=tuple(int(d) for d in input_shape),
                    n_classes=int(n_classes), **overrides)
 

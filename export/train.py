@@ -39,6 +39,9 @@ class TrainConfig:
     min_delta: float = 1e-4  # a val-loss drop smaller than this is not an improvement
     seed: int = 0
     val_fraction: float = 0.15
+    # Label smoothing keeps the latent from collapsing onto the base classes: measured on
+    # digits (base 0-4), 5-shot new-class recall on the device 0.59 -> 0.69 (issue 4).
+    label_smoothing: float = 0.1
     # One thread: these models are too small to gain from two, and on a busy 2-core
     # device a second OpenMP thread that has to wait for a core slows training ~10x.
     threads: int = 1
@@ -57,6 +60,8 @@ class TrainConfig:
             raise ConfigError(f"lr={self.lr}, expected a positive number")
         if not 0 <= self.weight_decay < 1:
             raise ConfigError(f"weight_decay={self.weight_decay}, expected 0 <= wd < 1")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing={self.label_smoothing}, expected 0 <= ls < 1")
         if not 0 < self.val_fraction < 0.5:
             raise ConfigError(f"val_fraction={self.val_fraction}, expected 0 < f < 0.5")
 
@@ -161,7 +166,8 @@ def train(ds: Dataset, cfg: TrainConfig = TrainConfig(), arch: ArchConfig | None
             loss_sum = 0.0
             for idx in _batches(len(X_tr), cfg.batch_size, gen):
                 opt.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(model(X_tr[idx]), y_tr[idx])
+                loss = nn.functional.cross_entropy(model(X_tr[idx]), y_tr[idx],
+                                                   label_smoothing=cfg.label_smoothing)
                 loss.backward()
                 opt.step()
                 loss_sum += loss.item() * len(idx)

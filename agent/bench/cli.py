@@ -22,8 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (each writes JSON and prints a table)")
     bench_sub = p.add_subparsers(dest="bench", metavar="BENCH")
     bench_sub.required = True
-    from agent.bench import memory, predict
+    from agent.bench import fewshot, memory, predict
 
+    fewshot.register(bench_sub)
     memory.register(bench_sub)
     predict.register(bench_sub)
     for ep in sorted(entry_points(group=BENCH_GROUP), key=lambda e: e.name):

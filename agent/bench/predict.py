@@ -116,7 +116,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         durable = Learner.from_bundle(args.bundle, LearnerConfig(
             capacity=cap, surprise_threshold=0.0, durable=True, checkpoint_every=10**9),
             state_dir=tmp)
-        labels = [f"c{i % 4}" for i in range(len(X))]
+        labels = (f"c{i % 4}" for i in range(10**9))
         it = iter(labels)
         learn = percentiles(_time(lambda x: durable.learn_one(x, next(it)), X[:500], warm=20))
         durable.close()

@@ -18,15 +18,18 @@ class LearnerConfig:
     """
 
     capacity: int = 10_000                 # episodes the fast memory holds
-    k_neighbors: int = 10                  # episodes that vote per prediction
-    vote_power: float = 4.0                # a neighbour's vote is similarity ** vote_power
+    k_neighbors: int = 32                  # episodes retrieved per prediction
+    readout: str = "max"                   # "max": per-class nearest episode; "vote": kNN vote
+    center: bool = True                    # centre latents on the bundle's mean latent
+    temperature: float = 0.02              # of the softmax over per-class similarities
+    vote_power: float = 4.0                # "vote": a neighbour's vote is similarity ** power
     assoc_weight: float = 0.25             # share of the associative readout in the fast vote
     surprise_threshold: float = 0.5
     store_confident_rate: float = 0.05
     min_class_episodes: int = 10           # always store until a class holds this many
     novelty_quantile: float = 0.99         # of seed exemplars' 1-NN distances -> threshold
     novelty_margin: float = 1.5            # threshold = margin * that quantile
-    exemplars_per_class: int = 50          # bundle exemplars seeded into memory per class
+    exemplars_per_class: int = 20          # bundle exemplars seeded into memory per class
     latent_dtype: str = "float16"
     sparse: SparseCoderConfig = field(default_factory=SparseCoderConfig)
     use_sae: bool = True                   # the bundle's sparse autoencoder, when it has one
@@ -44,6 +47,8 @@ class LearnerConfig:
         need(isinstance(self.capacity, int) and self.capacity >= 1, "capacity", "an int >= 1")
         need(isinstance(self.k_neighbors, int) and self.k_neighbors >= 1, "k_neighbors",
              "an int >= 1")
+        need(self.readout in ("max", "vote"), "readout", "'max' or 'vote'")
+        need(0 < self.temperature <= 10, "temperature", "0 < temperature <= 10")
         need(0 < self.vote_power <= 64, "vote_power", "0 < power <= 64")
         need(0 <= self.assoc_weight <= 1, "assoc_weight", "0 <= weight <= 1")
         need(0 <= self.surprise_threshold <= 1, "surprise_threshold", "within [0, 1]")

@@ -27,6 +27,26 @@ def knn_scores(labels: np.ndarray, distances: np.ndarray, n_classes: int,
     return scores / total if total > 0 else scores
 
 
+def max_similarity_scores(labels: np.ndarray, distances: np.ndarray, n_classes: int,
+                          temperature: float) -> np.ndarray:
+    """Per class, the cosine similarity of its nearest retrieved episode, as a softmax with
+    `temperature` over the classes present among the neighbours (absent classes get 0).
+
+    Unlike a vote, a class with few episodes is not outvoted by a class with many: one
+    close episode is enough. Measured on digits (docs/benchmarks.md): 5-shot new-class
+    recall 0.60 vs 0.22 for a k=10 similarity-weighted vote.
+    """
+    best = np.full(n_classes, -np.inf)
+    np.maximum.at(best, labels.astype(np.int64), 1.0 - distances.astype(np.float64))
+    present = np.isfinite(best)
+    if not present.any():
+        return np.zeros(n_classes)
+    z = np.where(present, best / temperature, -np.inf)
+    z -= z[present].max()
+    e = np.where(present, np.exp(z), 0.0)
+    return e / e.sum()
+
+
 def mix_fast(knn: np.ndarray, assoc: np.ndarray | None, assoc_weight: float) -> np.ndarray:
     """The fast system's class distribution: the kNN vote, plus the associative readout."""
     if assoc is None or assoc_weight == 0 or assoc.sum() <= 0:

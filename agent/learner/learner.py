@@ -85,6 +85,10 @@ class Learner:
         self._since_checkpoint = 0
         self.novelty_threshold: float | None = None
         exemplars = self._load_exemplars()
+        # The memory compares latents centred on the mean training latent: non-negative
+        # (post-ReLU) latents share a dominant direction that swamps cosine similarity.
+        self.center = (exemplars["latent_mean"] if exemplars is not None and config.center
+                       else np.zeros(self.latent_dim, np.float32))
         self.coder = self._make_coder(exemplars)
         self.memory = EpisodicMemory(MemoryConfig(
             capacity=config.capacity, dim=self.latent_dim, code_k=self.coder.k,
@@ -152,10 +156,11 @@ class Learner:
         lat, lab = lat[keep], lab[keep]
         codes = self.coder.encode(lat)
         for h, code, y in zip(lat, codes, lab, strict=True):
-            self.memory.add(h, code, int(y), surprise=0.0, ts=0.0)
+            self.memory.add(h - self.center, code, int(y), surprise=0.0, ts=0.0)
             self.readout.learn(code, int(y))
         if len(lat) >= 2:
-            u = lat / np.linalg.norm(lat, axis=1, keepdims=True)
+            u = lat - self.center
+            u = u / np.linalg.norm(u, axis=1, keepdims=True)
             d = 1.0 - u @ u.T
             np.fill_diagonal(d, np.inf)
             nn = d.min(axis=1)
@@ -203,10 +208,14 @@ class Learner:
         out = []
         for h, p_head in zip(latents, p_heads, strict=True):
             code = self.coder.encode_one(h)
-            ids, dist = self.memory.query(h, self.config.k_neighbors)
+            ids, dist = self.memory.query(h - self.center, self.config.k_neighbors)
             if ids.size:
                 labels = self.memory.get(ids).labels
-                knn = fusion.knn_scores(labels, dist, n_classes, self.config.vote_power)
+                if self.config.readout == "max":
+                    knn = fusion.max_similarity_scores(labels, dist, n_classes,
+                                                       self.config.temperature)
+                else:
+                    knn = fusion.knn_scores(labels, dist, n_classes, self.config.vote_power)
                 nearest = float(dist[0])
             else:
                 knn, nearest = np.zeros(n_classes), float("inf")
@@ -268,7 +277,7 @@ class Learner:
     def _apply(self, h: np.ndarray, label: str, surprise: float, ts: float) -> int:
         idx, _ = self._class_index(label)
         code = self.coder.encode_one(h)
-        eid = self.memory.add(h, code, idx, surprise=surprise, ts=ts)
+        eid = self.memory.add(h - self.center, code, idx, surprise=surprise, ts=ts)
         self.readout.learn(code, idx)
         self.n_stored += 1
         return eid

@@ -22,7 +22,7 @@ def test_probe_command_prints_a_sane_table_and_writes_json(capsys, digits_npz, t
     assert result["held_out_classes"] == [str(i) for i in range(5, 10)]
     rows = {r["split"]: r for r in result["table"]}
     assert set(rows) == {None, 1, 2}            # the input reference, then every split
-    assert rows[1]["latent_dim"] == 128 and rows[2]["latent_dim"] == 64
+    assert rows[1]["latent_dim"] == 256 and rows[2]["latent_dim"] == 64
     for r in rows.values():                     # chance is 10% / 20%
         assert r["accuracy_all"]["mean"] > 0.6
         assert r["accuracy_novel"]["mean"] > 0.5
@@ -40,16 +40,16 @@ def test_sae_in_the_bundle_loads_without_pickle_and_is_as_sparse_as_asked(digits
     with np.load(digits5_bundle / "sae.npz", allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
     assert sorted(arrays) == ["W_dec", "W_enc", "b_dec", "b_enc", "k"]
-    assert check_sae_arrays(arrays, 128) is None
-    assert arrays["W_enc"].shape == (512, 128) and int(arrays["k"]) == cfg.k == 10
-    assert m["config"]["k"] == 10 and m["latent_dim"] == 128
+    assert check_sae_arrays(arrays, 256) is None
+    assert arrays["W_enc"].shape == (512, 256) and int(arrays["k"]) == cfg.k == 10
+    assert m["config"]["k"] == 10 and m["latent_dim"] == 256
     assert abs(cfg.k / cfg.n_units - cfg.active_fraction) <= 1 / cfg.n_units
     assert m["active_fraction"] == pytest.approx(cfg.k / cfg.n_units, abs=1e-3)
     assert 0 <= m["relative_mse_test"] < 0.5 and 0 <= m["dead_fraction"] < 1
     assert m["relative_mse_held_out"] > 0 and m["n_held_out"] > 0  # digits 5-9
     # The device's sparse coder reads the same arrays and picks the same units.
     coder = SparseCoder.from_sae(arrays["W_enc"], arrays["b_enc"], int(arrays["k"]))
-    Z = np.random.default_rng(0).gamma(1.0, 1.0, (16, 128)).astype(np.float32)
+    Z = np.random.default_rng(0).gamma(1.0, 1.0, (16, 256)).astype(np.float32)
     ids = coder.encode(Z)                                       # (16, k)
     dense = sae_codes(arrays, Z)                                # (16, m)
     for row, code in zip(dense, ids, strict=True):

@@ -36,18 +36,18 @@ def test_split_files_and_manifest(digits5_bundle):
     m = load_bundle(digits5_bundle).manifest
     assert set(m["files"]) == {"model.onnx", "encoder.onnx", "head.npz", "weights.npz",
                                "sae.npz", "exemplars.npz"}
-    assert m["split"]["index"] == 1 and m["latent_dim"] == 128  # mlp default: early
+    assert m["split"]["index"] == 1 and m["latent_dim"] == 256  # mlp default: early
     assert m["encoder"] == {"file": "encoder.onnx", "input_name": "input",
-                            "output_name": "latent", "output_shape": [128]}
-    assert m["head"]["dims"] == [128, 64, BASE_DIGITS] and m["head"]["activation"] == "relu"
-    assert len(m["latent_stats"]["mean"]) == 128
+                            "output_name": "latent", "output_shape": [256]}
+    assert m["head"]["dims"] == [256, 64, BASE_DIGITS] and m["head"]["activation"] == "relu"
+    assert len(m["latent_stats"]["mean"]) == 256
     with np.load(digits5_bundle / "head.npz", allow_pickle=False) as npz:
         assert sorted(npz.files) == ["W0", "W1", "b0", "b1", "n_layers"]
         assert int(npz["n_layers"]) == 2
-        assert npz["W0"].shape == (64, 128) and npz["W1"].shape == (BASE_DIGITS, 64)
+        assert npz["W0"].shape == (64, 256) and npz["W1"].shape == (BASE_DIGITS, 64)
         assert all(npz[k].dtype == np.float32 for k in ("W0", "W1", "b0", "b1"))
     with np.load(digits5_bundle / "exemplars.npz", allow_pickle=False) as npz:
-        assert npz["latents"].shape == (m["exemplars"]["n"], 128)
+        assert npz["latents"].shape == (m["exemplars"]["n"], 256)
         assert sorted(set(npz["labels"].tolist())) == list(range(BASE_DIGITS))
         np.testing.assert_allclose(npz["latent_mean"], m["latent_stats"]["mean"], atol=1e-5)
     proto = onnx.load(str(digits5_bundle / "encoder.onnx"))
