@@ -18,12 +18,14 @@ class LearnerConfig:
     """
 
     capacity: int = 10_000                 # episodes the fast memory holds
-    k_neighbors: int = 32                  # episodes retrieved per prediction
+    k_neighbors: int = 16                  # episodes retrieved per prediction
     readout: str = "max"                   # "max": per-class nearest episode; "vote": kNN vote
     center: bool = True                    # centre latents on the bundle's mean latent
     temperature: float = 0.02              # of the softmax over per-class similarities
     vote_power: float = 4.0                # "vote": a neighbour's vote is similarity ** power
-    assoc_weight: float = 0.25             # share of the associative readout in the fast vote
+    # Share of the associative readout in the fast vote. 0 by measurement: on digits it
+    # changed 5-shot recall by < 1 point either way and costs ~15% of the predict path.
+    assoc_weight: float = 0.0
     surprise_threshold: float = 0.5
     store_confident_rate: float = 0.05
     min_class_episodes: int = 10           # always store until a class holds this many

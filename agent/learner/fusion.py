@@ -75,3 +75,36 @@ def fuse(p_head: np.ndarray, p_fast: np.ndarray) -> tuple[np.ndarray, str]:
     if best >= kh:
         return out, "fast"
     return out, "agree" if int(np.argmax(p_fast)) == best else "slow"
+
+
+def max_similarity_batch(labels: np.ndarray, distances: np.ndarray, n_classes: int,
+                         temperature: float) -> np.ndarray:
+    """`max_similarity_scores` for a batch: labels, distances (B, k) -> (B, n_classes)."""
+    B = labels.shape[0]
+    best = np.full((B, n_classes), -np.inf)
+    if labels.shape[1]:
+        rows = np.repeat(np.arange(B), labels.shape[1])
+        np.maximum.at(best, (rows, labels.reshape(-1).astype(np.int64)),
+                      1.0 - distances.reshape(-1).astype(np.float64))
+    present = np.isfinite(best)
+    z = np.where(present, best / temperature, -np.inf)
+    top = np.where(present.any(axis=1), z.max(axis=1, initial=-np.inf), 0.0)
+    e = np.where(present, np.exp(z - top[:, None]), 0.0)
+    total = e.sum(axis=1, keepdims=True)
+    return np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+
+
+def fuse_batch(p_head: np.ndarray, p_fast: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """`fuse` for a batch: p_head (B, Kh), p_fast (B, K) -> (B, K) and who decided."""
+    kh = p_head.shape[1]
+    out = np.zeros_like(p_fast, dtype=np.float64)
+    has_fast = p_fast.sum(axis=1) > 0
+    head_mass = np.where(has_fast, p_fast[:, :kh].sum(axis=1), 1.0)
+    out[:, :kh] = head_mass[:, None] * p_head
+    out[:, kh:] = np.where(has_fast[:, None], p_fast[:, kh:], 0.0)
+    out /= out.sum(axis=1, keepdims=True)
+    best = out.argmax(axis=1)
+    fast_best = p_fast.argmax(axis=1)
+    who = ["fast" if b >= kh else ("agree" if f and fb == b else "slow")
+           for b, f, fb in zip(best.tolist(), has_fast.tolist(), fast_best.tolist(), strict=True)]
+    return out, who

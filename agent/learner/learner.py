@@ -26,7 +26,7 @@ from agent.bundle import Bundle, load_bundle
 from agent.errors import InputError
 from agent.head import Head
 from agent.inference import Encoder, softmax
-from agent.learner import fusion
+from agent.learner import fusion, kernels
 from agent.learner.config import LearnerConfig
 from agent.learner.state import LearnerState, restore, snapshot
 from agent.memory import (
@@ -40,6 +40,7 @@ from agent.persist import StateDir
 
 log = logging.getLogger("reverie.learner")
 MAX_LABEL_CHARS = 64
+_DECIDED = ("slow", "agree", "fast")
 
 
 @dataclass(frozen=True)
@@ -203,31 +204,41 @@ class Learner:
     # ------------------------------------------------------------------ predict
 
     def _predict_latents(self, latents: np.ndarray, t0: float) -> list[Prediction]:
-        p_heads = softmax(self.head.logits(latents).astype(np.float64))   # (B, Kh)
+        """Slow and fast system on a batch of latents (B, d), fused per row."""
+        cfg = self.config
+        p_head = softmax(self.head.logits(latents).astype(np.float64))       # (B, Kh)
         n_classes = len(self.classes)
-        out = []
-        for h, p_head in zip(latents, p_heads, strict=True):
-            code = self.coder.encode_one(h)
-            ids, dist = self.memory.query(h - self.center, self.config.k_neighbors)
-            if ids.size:
-                labels = self.memory.get(ids).labels
-                if self.config.readout == "max":
-                    knn = fusion.max_similarity_scores(labels, dist, n_classes,
-                                                       self.config.temperature)
-                else:
-                    knn = fusion.knn_scores(labels, dist, n_classes, self.config.vote_power)
-                nearest = float(dist[0])
-            else:
-                knn, nearest = np.zeros(n_classes), float("inf")
-            assoc = self.readout.scores(code) if self.config.assoc_weight else None
-            p_fast = fusion.mix_fast(knn, assoc, self.config.assoc_weight)
-            probs, decided_by = fusion.fuse(p_head, p_fast)
-            best = int(np.argmax(probs))
-            novelty = self.novelty_threshold is not None and nearest > self.novelty_threshold
-            out.append(Prediction(self.classes[best], probs, tuple(self.classes),
-                                  float(probs[best]), decided_by, bool(novelty), nearest,
-                                  (time.perf_counter() - t0) * 1e6 / len(latents)))
-        return out
+        centred = latents - self.center                                      # (B, d)
+        labels, dist = self.memory.neighbours(centred, cfg.k_neighbors)      # (B, k)
+        if cfg.readout == "max" and not cfg.assoc_weight:   # the fast path: one kernel
+            probs, decided = kernels.fuse_max_similarity(labels, dist, p_head, n_classes,
+                                                         cfg.temperature)
+            who = [_DECIDED[d] for d in decided.tolist()]
+            return self._predictions(probs, who, dist, t0)
+        if cfg.readout == "max":
+            knn = fusion.max_similarity_batch(labels, dist, n_classes, cfg.temperature)
+        else:
+            knn = np.stack([fusion.knn_scores(lb, d, n_classes, cfg.vote_power)
+                            for lb, d in zip(labels, dist, strict=True)])
+        if cfg.assoc_weight:
+            codes = self.coder.encode(latents)                               # (B, k_active)
+            assoc = self.readout.scores_batch(codes)                         # (B, K')
+            p_fast = np.stack([fusion.mix_fast(kn, a, cfg.assoc_weight)
+                               for kn, a in zip(knn, assoc, strict=True)])
+        else:
+            p_fast = knn
+        probs, who = fusion.fuse_batch(p_head, p_fast)                       # (B, K)
+        return self._predictions(probs, who, dist, t0)
+
+    def _predictions(self, probs, who, dist, t0) -> list[Prediction]:
+        nearest = dist[:, 0] if dist.shape[1] else np.full(len(probs), np.inf)
+        best = probs.argmax(axis=1)
+        latency = (time.perf_counter() - t0) * 1e6 / len(probs)
+        classes = tuple(self.classes)
+        thr = self.novelty_threshold
+        return [Prediction(classes[b], p, classes, float(p[b]), w,
+                           bool(thr is not None and nd > thr), float(nd), latency)
+                for b, p, w, nd in zip(best.tolist(), probs, who, nearest.tolist(), strict=True)]
 
     def predict_one(self, window) -> Prediction:
         """Predict one window of the bundle's input shape."""

@@ -27,7 +27,13 @@ import hnswlib
 import numpy as np
 
 from agent.memory import kernels
-from agent.memory._checks import code_array, float_scalar, int_scalar, latent_vector
+from agent.memory._checks import (
+    code_array,
+    float_array,
+    float_scalar,
+    int_scalar,
+    latent_vector,
+)
 from agent.memory.config import MemoryConfig
 from agent.memory.errors import MemoryInputError, MemoryStateError
 from agent.memory.state import STATE_FIELDS, Episodes, expected_fields, validate_state
@@ -191,6 +197,33 @@ class EpisodicMemory:
         scores = np.bincount(labels, weights=weights, minlength=n_classes)
         total = scores.sum()
         return scores / total if total > 0 else scores
+
+    def neighbours(self, latents, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and cosine distances of the k nearest episodes of each row of `latents`:
+        (labels (B, k') int32, distances (B, k') f32), k' = min(k, len(self)), nearest first.
+
+        The batched read path of prediction: one hnswlib call for the batch, no copies of
+        the episodes themselves.
+        """
+        x = float_array(latents, name="latents", shape=(None, self.config.dim))   # (B, d)
+        k = int_scalar(k, name="k", lo=1)
+        with self._lock:
+            n = min(k, self._n)
+            if n == 0:
+                return (np.zeros((x.shape[0], 0), np.int32), np.zeros((x.shape[0], 0), np.float32))
+            try:
+                ids, dist = self._index.knn_query(x, k=n, num_threads=1)        # (B, n)
+            except RuntimeError:   # too few reachable live nodes: exact, row by row
+                rows = [self._exact_knn(q, n) for q in x]
+                ids = np.stack([r[0] for r in rows])
+                dist = np.stack([r[1] for r in rows])
+            slots, missing = kernels.slots_of_ids(ids.reshape(-1).astype(np.uint64),
+                                                  self.episode_ids_)
+            if missing:
+                raise MemoryStateError("the hnswlib index returned ids the memory does not hold; "
+                                       "index and arrays are out of sync")
+            labels = self.labels_[slots].reshape(ids.shape)
+        return labels, dist.astype(np.float32, copy=False)
 
     def get(self, ids) -> Episodes:
         """Copies of these episodes, in the order asked; an id not stored raises MemoryInputError."""

@@ -17,7 +17,7 @@ import numpy as np
 from agent.errors import ConfigError
 from agent.memory import kernels
 from agent.memory._checks import code_array, int_scalar
-from agent.memory.errors import MemoryStateError
+from agent.memory.errors import MemoryInputError, MemoryStateError
 
 MAX_CLASSES = 2**20
 
@@ -71,6 +71,17 @@ class AssociativeReadout:
         with self._lock:
             out = kernels.assoc_readout(self.weights_, code)[: self.n_classes]
         return out / np.float32(self.config.code_k)
+
+    def scores_batch(self, codes) -> np.ndarray:
+        """`scores` for a batch of codes (B, k) -> (B, n_classes) f32."""
+        codes = np.asarray(codes)
+        if codes.ndim != 2 or codes.shape[1] != self.config.code_k or codes.dtype.kind not in "iu" \
+                or (codes.size and (codes.min() < 0 or codes.max() >= self.config.n_units)):
+            raise MemoryInputError(f"codes have shape {codes.shape} dtype {codes.dtype}, expected "
+                                   f"(B, {self.config.code_k}) unit ids < {self.config.n_units}")
+        with self._lock:
+            W = self.weights_[:, : self.n_classes]                       # (m, K)
+            return W[codes].sum(axis=1) / np.float32(self.config.code_k)  # (B, K)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         with self._lock:

@@ -92,3 +92,14 @@ def test_state_of_another_bundle_is_refused(base_bundle, sim_bundle, tmp_path):
         L.checkpoint()
     with pytest.raises(StateError, match="learned on bundle"):
         Learner.load(tmp_path / "s", sim_bundle, LearnerConfig(capacity=50))
+
+
+@pytest.mark.parametrize("kw", [{"readout": "vote"}, {"assoc_weight": 0.25},
+                                {"readout": "vote", "assoc_weight": 1.0}])
+def test_other_readouts_learn_too(base_bundle, kw):
+    with Learner.from_bundle(base_bundle, LearnerConfig(capacity=300, **kw)) as L:
+        for w in windows("tilt", 5, seed=1):
+            L.learn_one(w, "tilt")
+        preds = L.predict_many(windows("tilt", 10, seed=7))
+        assert np.mean([p.label == "tilt" for p in preds]) >= 0.7
+        assert all(abs(p.probs.sum() - 1) < 1e-6 for p in preds)
