@@ -31,6 +31,7 @@ from agent import __version__
 from agent.bundle import Bundle, load_bundle
 from agent.errors import ConfigError, ProtocolError
 from agent.inference import Classifier
+from agent.learner import Learner, LearnerConfig
 from agent.mqtt import BrokerURL, make_client
 from agent.protocol import (
     MAX_PAYLOAD_BYTES,
@@ -63,6 +64,7 @@ class DaemonConfig:
     health_interval_s: float = 5.0
     keepalive_s: int = 30
     public_keys: tuple[Path, ...] = ()  # trusted bundle signers; empty: signature not checked
+    state_dir: Path | None = None       # the learner's checkpoints and write-ahead log
 
     def __post_init__(self) -> None:
         keys = self.public_keys
@@ -96,11 +98,13 @@ class Counters:
     frames: int = 0
     windows: int = 0
     predictions: int = 0
+    novelty: int = 0
     dropped: Counter = field(default_factory=Counter)  # reason -> count
 
     def as_dict(self) -> dict:
         return {"received": self.received, "frames": self.frames, "windows": self.windows,
-                "predictions": self.predictions, "dropped": dict(self.dropped)}
+                "predictions": self.predictions, "novelty": self.novelty,
+                "dropped": dict(self.dropped)}
 
 
 class Daemon:
@@ -110,7 +114,15 @@ class Daemon:
         if self.bundle.signed_by:
             log.info("bundle %s: signature verified (key %s)", self.bundle.bundle_id,
                      self.bundle.signed_by)
-        self.classifier = Classifier(self.bundle, threads=config.threads)
+        # A split bundle (encoder.onnx + head.npz) gets the full learner: the head fused with
+        # the episodic memory. An older whole-model bundle only predicts.
+        self.learner = None
+        self.classifier = None
+        if "encoder" in self.bundle.manifest:
+            self.learner = Learner(self.bundle, LearnerConfig(threads=config.threads),
+                                   state_dir=config.state_dir)
+        else:
+            self.classifier = Classifier(self.bundle, threads=config.threads)
         spec = self.bundle.input
         hop = config.hop_samples or spec.window_samples
         self.windows = DeviceWindows(spec.n_channels, spec.window_samples, hop)
@@ -165,6 +177,11 @@ class Daemon:
                 pass
         self._client.disconnect()
         self._client.loop_stop()
+        if self.learner is not None:
+            try:
+                self.learner.checkpoint()
+            finally:
+                self.learner.close()
         self._write_health(force=True, state="stopped")
         log.info("stopped: %s", self.counters.as_dict())
 
@@ -260,19 +277,32 @@ class Daemon:
             return
         shape = self.bundle.input.shape
         x = np.stack([w.values.reshape(shape) for _, w, _ in pending])  # (B, *shape)
-        probs = self.classifier.predict_proba(x)                        # (B, K)
         self.counters.windows += len(pending)
-        classes = self.bundle.classes
+        if self.learner is not None:
+            preds = [(p.label, p.confidence, p.prob_dict(), {"decided_by": p.decided_by,
+                      "novelty": p.novelty, "novelty_score": round(p.novelty_score, 6)})
+                     for p in self.learner.predict_many(x)]
+        else:
+            probs = self.classifier.predict_proba(x)                    # (B, K)
+            classes = self.bundle.classes
+            preds = [(classes[int(np.argmax(p))], float(p.max()),
+                      dict(zip(classes, p.tolist(), strict=True)), {}) for p in probs]
         now = time.monotonic()
-        for (device, w, arrival), p in zip(pending, probs, strict=True):
-            k = int(np.argmax(p))
+        for (device, w, arrival), (label, conf, probs, extra) in zip(pending, preds, strict=True):
+            topics = self.topics.for_device(device)
             payload = encode_prediction(
                 device=device, window=w.index, seq_first=w.seq_first, seq_last=w.seq_last,
-                ts=w.ts, label=classes[k], confidence=float(p[k]),
-                probs=dict(zip(classes, p.tolist(), strict=True)),
-                latency_ms=(now - arrival) * 1e3, model=self.bundle.bundle_id)
-            self._client.publish(self.topics.for_device(device).predictions, payload, qos=0)
+                ts=w.ts, label=label, confidence=conf, probs=probs,
+                latency_ms=(now - arrival) * 1e3, model=self.bundle.bundle_id, **extra)
+            self._client.publish(topics.predictions, payload, qos=0)
             self.counters.predictions += 1
+            if extra.get("novelty"):
+                self.counters.novelty += 1
+                self._client.publish(topics.events, encode_event(
+                    device=device, type="novelty", reason="far_from_memory",
+                    detail=f"window {w.index}: cosine distance {extra['novelty_score']:.3f} to "
+                    "the nearest stored episode", ts=time.time(), window=w.index,
+                    score=extra["novelty_score"]), qos=0)
 
     def _reject(self, device: str, topic: str, reason: str, detail: str) -> None:
         self.counters.dropped[reason] += 1

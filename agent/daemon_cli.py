@@ -51,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="trusted ed25519 public key: the bundle must be signed by one of "
                    "them (repeat, or separate with commas, to trust several while keys "
                    "rotate) [REVERIE_PUBLIC_KEY]")
+    p.add_argument("--state-dir", default=None,
+                   help="the learner's checkpoints and write-ahead log [REVERIE_STATE_DIR]")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default=_env("LOG_FORMAT", "text"), choices=["text", "json"])
@@ -75,6 +77,7 @@ def config_from_args(args: argparse.Namespace):
     if not device:
         raise ConfigError("no device id: pass --device-id ID (or '+') or set REVERIE_DEVICE_ID")
     health = args.health_file or _env("HEALTH_FILE")
+    state_dir = args.state_dir or _env("STATE_DIR")
     return DaemonConfig(
         bundle=Path(bundle),
         broker=BrokerURL.parse(args.broker or _env("BROKER", "mqtt://127.0.0.1:1883")),
@@ -84,6 +87,7 @@ def config_from_args(args: argparse.Namespace):
         threads=args.threads if args.threads is not None else _int_env("THREADS", 1),
         protocol=args.protocol or _env("PROTOCOL", "5"),
         health_file=Path(health) if health else None,
+        state_dir=Path(state_dir) if state_dir else None,
         public_keys=_public_keys(args.public_key or [_env("PUBLIC_KEY", "")]),
     )
 

@@ -193,14 +193,15 @@ def _dumps(obj: dict) -> bytes:
 
 def encode_prediction(*, device: str, window: int, seq_first: int, seq_last: int, ts: float,
                       label: str, confidence: float, probs: dict[str, float],
-                      latency_ms: float, model: str) -> bytes:
-    """One prediction per window (docs/protocol.md#predictions)."""
+                      latency_ms: float, model: str, **extra: object) -> bytes:
+    """One prediction per window (docs/protocol.md#predictions); `extra` adds fields such
+    as ``decided_by`` and ``novelty`` from the learner."""
     return _dumps({
         "v": PROTOCOL_VERSION, "device": device, "window": window,
         "seq_first": seq_first, "seq_last": seq_last, "ts": ts, "label": label,
         "confidence": round(float(confidence), 6),
         "probs": {k: round(float(p), 6) for k, p in probs.items()},
-        "latency_ms": round(float(latency_ms), 3), "model": model,
+        "latency_ms": round(float(latency_ms), 3), "model": model, **extra,
     })
 
 

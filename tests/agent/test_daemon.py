@@ -157,3 +157,22 @@ def test_run_refuses_a_missing_bundle_with_one_line(tmp_path, capsys):
     rc = main(["run", "--bundle", str(tmp_path / "nope"), "--device-id", "d"])
     err = capsys.readouterr().err
     assert rc == 2 and "not a bundle directory" in err and "Traceback" not in err
+
+
+def test_learner_predictions_carry_fusion_and_novelty(daemon, mqtt_collector, unique_device):
+    """A split bundle runs the full learner: predictions say which system decided, and a
+    window unlike anything in memory raises a novelty event."""
+    assert daemon.learner is not None
+    t = Topics(unique_device)
+    probe = mqtt_collector(t.predictions, t.events)
+    rng = np.random.default_rng(0)
+    frames = _frames("walk", 1) + [(4 + i, 2000.0 + i, (50 * rng.standard_normal((32, 6)) + 30)
+                                    .astype(np.float32)) for i in range(4)]
+    for seq, ts, values in frames:
+        probe.publish(t.frames, encode_frame_binary(seq, ts, values), qos=0)
+    probe.wait_for_count(2, topic=t.predictions, timeout_s=10)
+    preds = _predictions(probe, t.predictions)
+    assert all(p["decided_by"] in ("slow", "agree", "fast") for p in preds)
+    assert preds[0]["novelty"] is False and preds[1]["novelty"] is True, preds
+    ev = probe.wait_for_count(1, topic=t.events, timeout_s=5)[0].json()
+    assert ev["type"] == "novelty" and ev["window"] == 1 and ev["score"] > 0
