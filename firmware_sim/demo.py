@@ -21,7 +21,7 @@ import time
 from collections import Counter, deque
 from pathlib import Path
 
-DEMO_BUNDLE_NAME = "demo-base-v1"  # bump when the simulator or the demo's model changes
+DEMO_BUNDLE_NAME = "demo-base-v2"  # bump when the simulator or the demo's model changes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
