@@ -14,7 +14,8 @@ import sys
 import time
 
 # Filled as the runtime grows numba kernels (sparse coding, memory, consolidation).
-KERNEL_MODULES: list[str] = ["agent.memory.kernels", "agent.learner.kernels"]
+KERNEL_MODULES: list[str] = ["agent.memory.kernels", "agent.learner.kernels",
+                             "agent.sleep.kernels"]
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""``reverie export train|verify|probe``: registered through the ``reverie.commands`` entry point.
+"""``reverie export train|verify|quantize|probe|keygen|sign``: registered through the ``reverie.commands`` entry point.
 
 Importing this module must stay cheap (no torch): `agent.cli` imports it to build the
 parser for every command. The handlers import the heavy modules.
@@ -53,13 +53,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.set_defaults(func=_train)
 
     v = sub.add_parser("verify", help="check a bundle: hashes, ONNX validity, torch/ONNX parity",
-                       description="Verify a bundle; exits non-zero naming what failed.")
+                       description="Verify a bundle; exits non-zero naming what failed. An "
+                                   "int8 bundle (export quantize) keeps the 1e-4 bound between "
+                                   "encoder + head and model.onnx but is compared with torch by "
+                                   "argmax agreement; the output lists every check run.")
     v.add_argument("bundle", type=Path, metavar="BUNDLE/")
     v.add_argument("--data", type=Path, default=None, metavar="D.npz",
                    help="also check parity (and accuracy) on this dataset's windows")
     v.add_argument("--public-key", type=Path, action="append", default=None, metavar="PATH",
                    help="also require a valid signature by this key (repeatable)")
     v.set_defaults(func=_verify)
+
+    q = sub.add_parser(
+        "quantize", help="write an int8 copy of a bundle, refused if it loses too much accuracy",
+        description="Quantize the bundle's encoder to int8 (static QDQ with per-channel weights "
+                    "calibrated on D.npz; dynamic int8 too when the encoder has MatMul/Gemm), "
+                    "score each end to end (int8 encoder + numpy head) on the test split of "
+                    "the bundle's classes, time it per window (1 thread, batch 1) against "
+                    "fp32, and write the fastest one within --max-drop as a new bundle.")
+    q.add_argument("bundle", type=Path, metavar="BUNDLE/", help="the fp32 source bundle")
+    q.add_argument("--calibration", type=Path, required=True, metavar="D.npz",
+                   help="NPZ dataset: its train windows calibrate, its test windows score")
+    q.add_argument("--out", type=Path, default=None, metavar="OUT/",
+                   help="output bundle directory (default: BUNDLE-int8)")
+    q.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
+                   help="refuse when accuracy drops by more than this many points (default 1.0)")
+    q.add_argument("--force", action="store_true",
+                   help="write the most accurate int8 encoder even if it exceeds --max-drop")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an existing bundle at the output directory")
+    q.add_argument("--iterations", type=int, default=1000, metavar="N",
+                   help="timed windows per encoder for the latency comparison (default 1000)")
+    q.set_defaults(func=_quantize)
 
     from export.sign import register_keygen, register_sign
 
@@ -137,6 +162,16 @@ def _probe(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from export.quantize import quantize_bundle
+
+    report = quantize_bundle(args.bundle, args.calibration, args.out, max_drop=args.max_drop,
+                             force=args.force, overwrite=args.overwrite,
+                             iterations=args.iterations)
+    print("\n".join(report.lines()))
     return 0
 
 

@@ -145,8 +145,8 @@ class ArchConfig:
         if arch is None:
             arch = "cnn1d" if len(input_shape) == 2 else "mlp"
         if arch == "mlp":
-            overrides.setdefault("hidden", (256, 64))
-        if arch == "mlp":
+            # A wider first layer transfers better to classes the base model never saw
+            # (digits, 5-shot device recall, docs/benchmarks.md); cnn1d keeps (128, 64).
             overrides.setdefault("hidden", (256, 64))
         return cls(arch=arch, input_shape=tuple(int(d) for d in input_shape),
                    n_classes=int(n_classes), **overrides)

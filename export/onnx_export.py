@@ -119,8 +119,9 @@ def build_manifest(*, name: str, model: ReverieNet, ds: Dataset, train_cfg: Trai
     return manifest
 
 
-def check_output_dir(out_dir: Path, force: bool) -> None:
-    """Refuse an output path that is a file, or a non-empty directory without ``force``.
+def check_output_dir(out_dir: Path, force: bool, flag: str = "--force") -> None:
+    """Refuse an output path that is a file, or a non-empty directory without ``force``
+    (the command-line ``flag`` that sets it is named in the message).
 
     Even with ``force`` only an existing bundle (it has a manifest) is replaced, so a
     mistyped ``--out`` cannot wipe an unrelated directory.
@@ -132,13 +133,13 @@ def check_output_dir(out_dir: Path, force: bool) -> None:
     if not any(out_dir.iterdir()):
         return
     if not force:
-        raise ConfigError(f"{out_dir}: exists and is not empty; pass --force to replace it")
+        raise ConfigError(f"{out_dir}: exists and is not empty; pass {flag} to replace it")
     if not (out_dir / MANIFEST).is_file():
         raise ConfigError(f"{out_dir}: exists and is not a bundle (no {MANIFEST}); "
-                          "refusing to replace it even with --force")
+                          f"refusing to replace it even with {flag}")
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -146,8 +147,10 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _move_into_place(staging: Path, out_dir: Path, force: bool) -> None:
-    check_output_dir(out_dir, force)  # again: the path may have changed while we trained
+def move_into_place(staging: Path, out_dir: Path, force: bool, flag: str = "--force") -> None:
+    """Rename the complete ``staging`` directory to ``out_dir`` (replacing an existing
+    bundle there only with ``force``), then fsync the parent directory."""
+    check_output_dir(out_dir, force, flag)  # again: the path may have changed meanwhile
     if out_dir.is_dir() and any(out_dir.iterdir()):
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.replace(out_dir, old / "bundle")
@@ -155,7 +158,7 @@ def _move_into_place(staging: Path, out_dir: Path, force: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, out_dir)  # an empty directory is replaced atomically
-    _fsync(out_dir.parent)
+    fsync_path(out_dir.parent)
 
 
 def write_bundle(out_dir: str | Path, model: ReverieNet, manifest: dict[str, Any], *,
@@ -187,10 +190,10 @@ def write_bundle(out_dir: str | Path, model: ReverieNet, manifest: dict[str, Any
             save_arrays(staging / fname, arrays)
         write_manifest(staging, manifest)
         for f in staging.iterdir():
-            _fsync(f)
+            fsync_path(f)
         if check is not None:
             check(staging)
-        _move_into_place(staging, out_dir, force)
+        move_into_place(staging, out_dir, force)
     except OSError as exc:
         raise BundleError(f"{out_dir}: cannot write the bundle ({exc})") from None
     finally:

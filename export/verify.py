@@ -11,6 +11,13 @@ the recorded normalization and, optionally, on a dataset's windows:
 * ``encoder.onnx`` + the numpy head (`agent.head.Head` on ``head.npz``) vs
   ``model.onnx``, on logits: what the device computes vs the whole exported model.
 
+A quantized bundle (a manifest ``quantization`` section, `export.quantize`) cannot match
+the fp32 torch model within 1e-4. For it, encoder + numpy head vs ``model.onnx`` (both int8)
+keeps the 1e-4 bound, and the two torch comparisons are reported (max abs diff) and
+replaced by an accuracy-agreement check: the argmax of ``model.onnx`` equals torch's on at
+least 99% of the data rows of the bundle's classes, and on 75% of 512 random inputs
+(which int8 clips: see MIN_AGREEMENT_RANDOM). The report's checks say which ran.
+
 ``sae.npz``, when listed, must hold well-formed arrays for the latent dim. Any failure
 raises BundleError or VerifyError naming what failed.
 """
@@ -40,6 +47,14 @@ ENCODER = "encoder.onnx"
 EXEMPLARS = "exemplars.npz"
 
 TOLERANCE = 1e-4
+# int8 vs torch fp32: the share of inputs whose argmax agrees. On data rows of the bundle's
+# classes, 99% (good int8 encoders measured 99.8-100%). Random inputs sit near decision
+# boundaries and outside the calibrated ranges, where int8 clips: good int8 encoders agreed
+# on 88-100% of them (digits mlp, cnn1d), a model of another training seed on 60-66%, an
+# encoder that belongs to other weights on ~1/K. So 75%, over 512 inputs: a wiring check.
+MIN_AGREEMENT = 0.99
+MIN_AGREEMENT_RANDOM = 0.75
+N_RANDOM_QUANTIZED = 512
 MAX_DATA_ROWS = 1024
 
 
@@ -52,6 +67,8 @@ class VerifyReport:
     diffs: dict[str, dict[str, float]] = field(default_factory=dict)  # per compared pair
     data_accuracy: float | None = None  # on the data rows of the bundle's classes
     data_rows_scored: int = 0
+    quantized: bool = False
+    agreement: dict[str, float] = field(default_factory=dict)  # int8 only: argmax vs torch
 
     def lines(self) -> list[str]:
         out = [f"bundle {self.path} (id {self.bundle_id})"]
@@ -89,7 +106,7 @@ def _session(path: Path) -> ort.InferenceSession:
         raise VerifyError(f"{path}: onnxruntime cannot load it ({exc})") from None
 
 
-def _random_inputs(bundle: Bundle, n: int, seed: int) -> np.ndarray:
+def random_inputs(bundle: Bundle, n: int, seed: int) -> np.ndarray:
     """Raw inputs around the recorded normalization: mean + 2 * std * N(0, 1)."""
     shape = bundle.input.shape
     norm = bundle.manifest["normalization"]
@@ -155,8 +172,13 @@ _PAIRS = (
 )
 
 
-def _parity(what: str, rt: _Runtimes, X: np.ndarray, tol: float
-            ) -> tuple[dict[str, float], np.ndarray]:
+_INT8_VS_FP32 = ("model_vs_torch", "encoder_vs_torch")  # bounded by agreement when int8
+
+
+def _parity(what: str, rt: _Runtimes, X: np.ndarray, tol: float, quantized: bool = False
+            ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Max abs diff of every pair, each within ``tol`` except, for a quantized bundle,
+    the int8-vs-torch pairs (only reported; see `_agreement`)."""
     out = rt.outputs(X)
     diffs = {}
     for key, got, ref, label, hint in _PAIRS:
@@ -164,11 +186,50 @@ def _parity(what: str, rt: _Runtimes, X: np.ndarray, tol: float
             raise VerifyError(f"parity on {what}: {got} {out[got].shape} vs {ref} "
                               f"{out[ref].shape} ({hint})")
         diff = float(np.max(np.abs(out[got] - out[ref]))) if out[got].size else 0.0
-        if not diff <= tol:  # also catches NaN
+        bounded = not (quantized and key in _INT8_VS_FP32)
+        if not np.isfinite(diff) or (bounded and not diff <= tol):
             raise VerifyError(f"parity on {what}: max {label} = {diff:.3g} exceeds {tol:g} "
                               f"({hint})")
         diffs[key] = diff
-    return diffs, out["onnx_logits"]
+    return diffs, out
+
+
+def _agreement(what: str, out: dict[str, np.ndarray], rows: np.ndarray, minimum: float,
+               diffs: dict[str, float]) -> float:
+    """Share of ``rows`` where the int8 model.onnx and torch fp32 pick the same class."""
+    same = out["onnx_logits"][rows].argmax(axis=1) == out["torch_logits"][rows].argmax(axis=1)
+    agreement = float(np.mean(same)) if same.size else 1.0
+    if not agreement >= minimum:
+        raise VerifyError(f"int8 vs torch on {what}: argmax agrees on {agreement:.1%} of "
+                          f"{same.size} inputs, below {minimum:.0%} (max |model.onnx - torch| "
+                          f"on logits {diffs['model_vs_torch']:.3g}): the int8 encoder and "
+                          f"{WEIGHTS} disagree")
+    return agreement
+
+
+def _parity_line(what: str, diffs: dict[str, float], tol: float,
+                 agreement: tuple[float, float, str] | None = None) -> str:
+    if agreement is None:
+        return (f"parity on {what} (model.onnx/torch, encoder.onnx/torch, encoder+head/"
+                f"model.onnx): max abs diff {max(diffs.values()):.2e} <= {tol:g}")
+    share, minimum, rows = agreement
+    return (f"parity on {what}: encoder.onnx + numpy head vs model.onnx (both int8) max abs "
+            f"diff {diffs['encoder_head_vs_model']:.2e} <= {tol:g}; int8 vs torch fp32 "
+            f"(accuracy agreement instead of {tol:g} parity): argmax agrees on {share:.1%} "
+            f"of {rows} >= {minimum:.0%}, max abs diff logits {diffs['model_vs_torch']:.3g}, "
+            f"latents {diffs['encoder_vs_torch']:.3g}")
+
+
+def _check_quantization(bundle: Bundle) -> str:
+    q = bundle.manifest["quantization"]
+    if not isinstance(q, dict) or not isinstance(q.get("method"), str) \
+            or not isinstance(q.get("source_bundle"), dict):
+        raise VerifyError(f"{bundle.path}: the manifest's 'quantization' section lacks a "
+                          "method or source_bundle")
+    acc = q.get("accuracy_pct") or {}
+    return (f"quantized bundle: {q.get('description', q['method'])} of bundle "
+            f"{q['source_bundle'].get('id')}; recorded accuracy {acc.get('before')}% -> "
+            f"{acc.get('after')}% (drop {acc.get('drop_points')} points)")
 
 
 def _check_sae(bundle: Bundle) -> str:
@@ -234,20 +295,38 @@ def verify_bundle(path: str | Path, data: str | Path | None = None, *, n_random:
     rt = _Runtimes(model, _session(bundle.file(MODEL)), _session(bundle.file(ENCODER)), head,
                    spec["input_name"], enc_spec["input_name"])
 
-    X = _random_inputs(bundle, n_random, seed)
-    diffs, _ = _parity("random inputs", rt, X, tol)
+    quantized = report.quantized = "quantization" in m
+    if quantized:
+        report.checks.append(_check_quantization(bundle))
+        n_random = max(n_random, N_RANDOM_QUANTIZED)
+    X = random_inputs(bundle, n_random, seed)
+    diffs, out = _parity("random inputs", rt, X, tol, quantized)
     report.max_abs_diff["random"] = max(diffs.values())
     report.diffs["random"] = diffs
-    report.checks.append(f"parity on {n_random} random inputs (model.onnx/torch, encoder.onnx/"
-                         f"torch, encoder+head/model.onnx): max abs diff "
-                         f"{max(diffs.values()):.2e} <= {tol:g}")
+    agreement = None
+    if quantized:
+        share = _agreement("random inputs", out, np.ones(len(X), bool), MIN_AGREEMENT_RANDOM,
+                           diffs)
+        report.agreement["random"] = share
+        agreement = (share, MIN_AGREEMENT_RANDOM, "the inputs")
+    report.checks.append(_parity_line(f"{n_random} random inputs", diffs, tol, agreement))
     if data is not None:
         X, y = _data_inputs(bundle, Path(data), seed)
-        diffs, logits = _parity(f"data {data}", rt, X, tol)
+        diffs, out = _parity(f"data {data}", rt, X, tol, quantized)
+        logits = out["onnx_logits"]
         report.max_abs_diff["data"] = max(diffs.values())
         report.diffs["data"] = diffs
-        report.checks.append(f"parity on {len(X)} rows of {data}: max abs diff "
-                             f"{max(diffs.values()):.2e} <= {tol:g}")
+        agreement = None
+        if quantized:
+            # Rows of classes the bundle was not trained on have no meaningful argmax.
+            known = y >= 0
+            rows, minimum, which = ((known, MIN_AGREEMENT, "the bundle's classes' rows")
+                                    if known.any() else
+                                    (~known, MIN_AGREEMENT_RANDOM, "the rows"))
+            share = _agreement(f"data {data}", out, rows, minimum, diffs)
+            report.agreement["data"] = share
+            agreement = (share, minimum, which)
+        report.checks.append(_parity_line(f"{len(X)} rows of {data}", diffs, tol, agreement))
         known = y >= 0
         if known.any():
             report.data_accuracy = float(np.mean(logits[known].argmax(axis=1) == y[known]))

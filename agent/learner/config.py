@@ -1,4 +1,4 @@
-"""The learner's knobs: one frozen dataclass, validated at construction."""
+"""The learner's knobs: frozen dataclasses, validated at construction."""
 
 from __future__ import annotations
 
@@ -6,6 +6,70 @@ from dataclasses import dataclass, field
 
 from agent.errors import ConfigError
 from agent.memory import SparseCoderConfig
+
+
+@dataclass(frozen=True)
+class SleepConfig:
+    """How `Learner.sleep` consolidates the fast memory into adapters on the head
+    (agent/sleep). Accuracies and drops are fractions (0.01 = 1 point)."""
+
+    rank: int = 4                          # of each layer's adapter B_i @ A_i
+    replay_samples: int = 10_000           # per sleep (real + pseudo), unless the budget ends first
+    batch_size: int = 32
+    lr: float = 3e-3                       # Adam
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0             # global L2 clipping; 0 turns it off
+    distill_weight: float = 1.0            # of KL(pre-sleep head || head) on its classes
+    distill_temperature: float = 2.0
+    surprise_share: float = 0.5            # of replay drawn by surprise; the rest uniformly
+    pseudo_below: int = 10                 # classes with fewer training episodes get pseudo-latents
+    pseudo_share: float = 0.5              # of such a class's draws
+    holdout_fraction: float = 0.2          # of each class's episodes, kept out of training
+    min_held_out: int = 5                  # fewer held-out samples: no sleep (cannot validate)
+    max_old_drop: float = 0.01             # gate: old classes may lose at most this accuracy
+    max_overall_drop: float = 0.0          # gate: overall accuracy may fall at most this much
+    forget_factor: float = 0.5             # strength of consolidated episodes is multiplied by it
+    evict_below: float = 0.0               # then evict those below this strength (0: never)
+    keep_per_class: int = 10               # eviction never leaves a class with fewer episodes
+    checkpoint: bool = True                # checkpoint after an accepted sleep (with a state dir)
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, name: str, expected: str) -> None:
+            if not cond:
+                raise ConfigError(f"sleep.{name}={getattr(self, name)!r}, expected {expected}")
+
+        def count(name: str, lo: int, hi: int = 2**31) -> None:
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi, name,
+                 f"an int in [{lo}, {hi}]")
+
+        def unit(name: str, lo_open: bool = False) -> None:
+            v = getattr(self, name)
+            need(isinstance(v, int | float) and (0 < v <= 1 if lo_open else 0 <= v <= 1), name,
+                 "within (0, 1]" if lo_open else "within [0, 1]")
+
+        count("rank", 1, 256)
+        count("replay_samples", 0)
+        count("batch_size", 1, 4096)
+        need(isinstance(self.lr, int | float) and 0 < self.lr <= 1, "lr", "0 < lr <= 1")
+        need(0 <= self.beta1 < 1, "beta1", "within [0, 1)")
+        need(0 <= self.beta2 < 1, "beta2", "within [0, 1)")
+        need(0 < self.adam_eps < 1, "adam_eps", "0 < eps < 1")
+        need(self.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0: no clipping)")
+        need(self.distill_weight >= 0, "distill_weight", ">= 0")
+        need(0 < self.distill_temperature <= 100, "distill_temperature", "0 < T <= 100")
+        unit("surprise_share")
+        count("pseudo_below", 0)
+        unit("pseudo_share")
+        need(0 <= self.holdout_fraction < 1, "holdout_fraction", "within [0, 1)")
+        count("min_held_out", 1)
+        unit("max_old_drop")
+        unit("max_overall_drop")
+        unit("forget_factor")
+        unit("evict_below")
+        count("keep_per_class", 0)
 
 
 @dataclass(frozen=True)
@@ -34,6 +98,7 @@ class LearnerConfig:
     exemplars_per_class: int = 20          # bundle exemplars seeded into memory per class
     latent_dtype: str = "float16"
     sparse: SparseCoderConfig = field(default_factory=SparseCoderConfig)
+    sleep: SleepConfig = field(default_factory=SleepConfig)
     use_sae: bool = True                   # the bundle's sparse autoencoder, when it has one
     ef_search: int = 64
     threads: int = 1                       # onnxruntime intra-op threads

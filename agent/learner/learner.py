@@ -4,12 +4,19 @@ episodic memory (fast system) that learns from single labelled windows.
     learner = Learner.from_bundle("bundle/", LearnerConfig(), state_dir="state/")
     p = learner.predict_one(window)          # Prediction(label, probs, confidence, ...)
     learner.learn_one(window, "new-gesture") # a never-seen label creates a class at once
+    report = learner.sleep(budget_s=30)      # consolidate the memory into the head's adapters
 
 Writes are single-owner (an internal lock); predictions may run concurrently with them
 (the memory guards hnswlib with its own lock). With a state directory, every stored
 episode is appended to the write-ahead log (fsynced before `learn_one` returns when
 ``durable``) before it touches memory, and checkpoints are taken every
-``checkpoint_every`` episodes and on `save`; a restart = last checkpoint + log replay.
+``checkpoint_every`` episodes, on `save` and after an accepted `sleep`; a restart = last
+checkpoint + log replay.
+
+The slow system is `adapted_head`: the bundle's head with low-rank adapters and rows for
+classes consolidated by `sleep` (agent/sleep). Its outputs are classes 0..Kh-1 (the
+bundle's, then consolidated device classes); the fusion treats exactly those as the
+head's. `sleep` trains a copy off the predicting thread and swaps the object at the end.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from agent.memory import (
     SparseCoder,
 )
 from agent.persist import StateDir
+from agent.sleep import AdaptedHead, SleepReport
 
 log = logging.getLogger("reverie.learner")
 MAX_LABEL_CHARS = 64
@@ -76,7 +84,11 @@ class Learner:
         self.bundle = bundle
         self.config = config
         self.encoder = Encoder(bundle, threads=config.threads)
-        self.head = Head.from_npz(bundle.file("head.npz"), bundle.manifest)
+        self.head = Head.from_npz(bundle.file("head.npz"), bundle.manifest)   # frozen base
+        # The slow system predictions use; replaced (never mutated) by an accepted sleep.
+        self.adapted_head = AdaptedHead.fresh(self.head, config.sleep.rank, config.seed)
+        self._sleep_lock = threading.Lock()
+        self._n_sleeps = 0
         self.latent_dim = self.encoder.latent_dim
         self.classes: list[str] = list(bundle.classes)
         self._index = {c: i for i, c in enumerate(self.classes)}
@@ -206,7 +218,8 @@ class Learner:
     def _predict_latents(self, latents: np.ndarray, t0: float) -> list[Prediction]:
         """Slow and fast system on a batch of latents (B, d), fused per row."""
         cfg = self.config
-        p_head = softmax(self.head.logits(latents).astype(np.float64))       # (B, Kh)
+        head = self.adapted_head          # one read: a concurrent sleep may swap it
+        p_head = softmax(head.logits(latents).astype(np.float64))            # (B, Kh)
         n_classes = len(self.classes)
         centred = latents - self.center                                      # (B, d)
         labels, dist = self.memory.neighbours(centred, cfg.k_neighbors)      # (B, k)
@@ -293,6 +306,27 @@ class Learner:
         self.n_stored += 1
         return eid
 
+    # ------------------------------------------------------------------ sleep
+
+    def sleep(self, budget_s: float = 30.0,
+              stop_event: threading.Event | None = None) -> SleepReport:
+        """Consolidate the episodic memory into the head's adapters (agent/sleep).
+
+        Replays stored episodes (class-balanced, surprise-prioritized, plus pseudo-latents
+        for thin classes) with distillation from the current head, validates on a held-out
+        slice and swaps the new adapter in only if old-class accuracy holds; then decays
+        the replayed episodes and checkpoints. Call it from a thread other than the one
+        predicting: predictions keep using the current head meanwhile. Setting
+        `stop_event` ends it within ~100 ms, leaving the current head in place.
+
+        >>> report = learner.sleep(budget_s=10)            # doctest: +SKIP
+        >>> report.accepted, report.reason, report.acc_after.new   # doctest: +SKIP
+        (True, 'accepted', 0.95)
+        """
+        from agent.sleep.consolidate import consolidate  # on first use: it imports agent.learner
+
+        return consolidate(self, budget_s, stop_event)
+
     # ------------------------------------------------------------------ persistence
 
     def checkpoint(self) -> int | None:
@@ -330,4 +364,6 @@ class Learner:
         return {"classes": list(self.classes), "episodes": len(self.memory),
                 "capacity": self.config.capacity, "stored_total": self.n_stored,
                 "per_class": {self.classes[i]: int(n) for i, n in enumerate(counts) if n},
-                "novelty_threshold": self.novelty_threshold}
+                "novelty_threshold": self.novelty_threshold,
+                "adapter_version": self.adapted_head.version,
+                "head_classes": list(self.classes[: self.adapted_head.n_classes])}

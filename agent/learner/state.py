@@ -2,8 +2,10 @@
 
 Checkpoint = the memory's arrays (``mem__*``) + its hnswlib index file (``index.hnsw``,
 verified by the store's sha256 before hnswlib reads it) + the associative readout
-(``ro__weights``) + the sparse coder (``coder__*``) + ``info`` (format, bundle id, the class
-list in index order, counters, novelty threshold). Log record = one stored episode:
+(``ro__weights``) + the sparse coder (``coder__*``) + the head's adapters once a sleep was
+accepted (``adapter__A{i}``, ``adapter__B{i}``, ``adapter__N``, ``adapter__c``, with their
+manifest in ``info["adapter"]``: format, version, rank, dims; see agent/sleep/adapters.py)
++ ``info`` (format, bundle id, the class list in index order, counters, novelty threshold). Log record = one stored episode:
 ``{"kind": "episode", "label", "surprise", "ts"}`` + the latent.
 A checkpoint of another bundle is refused: episodes are latents of *that* encoder.
 """
@@ -20,6 +22,7 @@ from agent.bundle import Bundle
 from agent.errors import BundleError, StateError
 from agent.memory import AssociativeReadout, EpisodicMemory, ReadoutConfig, SparseCoder
 from agent.persist import LoadedCheckpoint, decode_record, encode_record
+from agent.sleep import AdaptedHead
 
 if TYPE_CHECKING:
     from agent.learner.learner import Learner
@@ -60,6 +63,7 @@ class LearnerState:
     readout: dict[str, np.ndarray]
     coder: dict[str, np.ndarray]
     info: dict
+    adapter: dict[str, np.ndarray]       # empty until a sleep was accepted
 
     @classmethod
     def from_checkpoint(cls, ck: LoadedCheckpoint) -> LearnerState:
@@ -71,7 +75,8 @@ class LearnerState:
                              f"this agent reads {STATE_FORMAT}")
         if INDEX_FILE not in ck.files:
             raise StateError(f"{ck.path}: checkpoint lacks {INDEX_FILE}")
-        return cls(part("mem__"), ck.files[INDEX_FILE], part("ro__"), part("coder__"), ck.info)
+        return cls(part("mem__"), ck.files[INDEX_FILE], part("ro__"), part("coder__"), ck.info,
+                   part("adapter__"))
 
     @staticmethod
     def encode_episode(h: np.ndarray, label: str, surprise: float, ts: float) -> bytes:
@@ -95,7 +100,11 @@ def snapshot(learner: Learner) -> tuple[dict[str, np.ndarray], dict, dict]:
     info = {"format": STATE_FORMAT, "bundle_id": learner.bundle.bundle_id,
             "classes": list(learner.classes), "n_stored": learner.n_stored,
             "novelty_threshold": learner.novelty_threshold,
-            "memory_config": _config_dict(mem.config)}
+            "memory_config": _config_dict(mem.config), "sleeps": learner._n_sleeps}
+    head = learner.adapted_head
+    if head.version > 0:
+        arrays.update({f"adapter__{k}": v for k, v in head.state_arrays().items()})
+        info["adapter"] = head.manifest()
     return arrays, {INDEX_FILE: mem.save_index}, info
 
 
@@ -115,6 +124,12 @@ def restore(learner: Learner, st: LearnerState) -> None:
     base = list(learner.bundle.classes)
     if not isinstance(classes, list) or classes[: len(base)] != base:
         raise StateError(f"the state's classes {classes!r} do not extend the bundle's {base}")
+    head = None
+    if "adapter" in info:
+        head = AdaptedHead.from_state(learner.head, st.adapter, info["adapter"])
+        if head.n_classes > len(classes):
+            raise StateError(f"the adapter outputs {head.n_classes} classes, the state "
+                             f"lists {len(classes)}")
     from agent.memory import MemoryConfig
 
     cfg = MemoryConfig(**info["memory_config"])
@@ -130,3 +145,6 @@ def restore(learner: Learner, st: LearnerState) -> None:
     learner._index = {c: i for i, c in enumerate(classes)}
     learner.n_stored = int(info.get("n_stored", 0))
     learner.novelty_threshold = info.get("novelty_threshold")
+    learner._n_sleeps = int(info.get("sleeps", 0))
+    if head is not None:
+        learner.adapted_head = head
