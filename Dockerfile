@@ -36,9 +36,12 @@ ENV PATH=/opt/reverie/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     REVERIE_BUNDLE=/models/bundle \
     REVERIE_HEALTH_FILE=/run/reverie/health.json \
+    REVERIE_STATE_DIR=/var/lib/reverie/state \
     REVERIE_LOG_FORMAT=json
 USER reverie
 WORKDIR /var/lib/reverie
+# What the device learned (checkpoints + write-ahead log): keep it on a volume.
+VOLUME ["/var/lib/reverie/state"]
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["reverie", "health", "--max-age", "30"]
 # tini is PID 1: it forwards SIGTERM to reverie, which checkpoints and publishes "offline".
