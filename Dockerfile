@@ -26,8 +26,9 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends tini \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /var/lib/reverie --create-home reverie \
- && mkdir -p /run/reverie /models \
- && chown reverie:reverie /run/reverie
+ && mkdir -p /run/reverie /models /var/lib/reverie/state \
+ && chown reverie:reverie /run/reverie /var/lib/reverie/state \
+ && chmod 0700 /var/lib/reverie/state
 COPY --from=build /opt/reverie /opt/reverie
 COPY --from=build --chown=reverie:reverie /var/cache/reverie/numba /var/cache/reverie/numba
 ENV PATH=/opt/reverie/bin:$PATH \
