@@ -4,17 +4,22 @@
 1. **Snapshot** under the learner's lock: the current adapted head (the *teacher*), the
    class list and copies of the stored episodes. Everything after runs on copies, without
    the lock, so predictions keep using the current head throughout.
-2. **Split**: a held-out slice per class (`replay.holdout_mask`) plus the bundle's
-   exemplars that were not seeded into the memory (base classes) form the gate set.
+2. **Split**: a held-out slice of each class's episodes (`replay.holdout_mask`) plus half
+   of the bundle's exemplars that were not seeded into the memory (base classes) form the
+   gate set; the other half joins the stored episodes in replay.
 3. **Train** the student (the teacher's adapters + zero rows for classes it lacks) with
    the numba step: class-balanced, surprise-prioritized replay, pseudo-latents for thin
    classes, cross-entropy to the labels + distillation to the teacher's logits on its own
-   classes. Stops at ``replay_samples``, at the budget, or at once when ``stop`` is set
+   classes (on every replayed sample, so old classes keep their relative structure). Stops at ``replay_samples``, at the budget, or at once when ``stop`` is set
    (checked between mini-batches, each well under a millisecond on a head of 64-128 units).
 4. **Gate**: the learner's prediction (head fused with the fast memory, whose neighbours
    are the training episodes) on the gate set, with the teacher and with the student.
    Accepted iff old-class accuracy drops by at most ``max_old_drop`` and overall accuracy
-   by at most ``max_overall_drop``. "Old" = classes the teacher outputs.
+   by at most ``max_overall_drop``. "Old" = classes the teacher outputs. (The fast side
+   is the default readout, per-class nearest episode; ``readout="vote"`` and the
+   associative readout are not modelled.) After the swap every class in the gate set is
+   a head class, so the fused prediction is the head's: the gate compares the learner as
+   it was with the head that will replace it, including on the classes it takes over.
 5. **Commit** under the lock (unless stopped): swap the head object, mark the replayed
    episodes replayed, multiply their strength by ``forget_factor``, evict consolidated
    episodes below ``evict_below`` (never leaving a class under ``keep_per_class``), and
@@ -44,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("reverie.sleep")
 CHUNK_BATCHES = 32          # mini-batches drawn (and teacher-labelled) at once
 LOSS_WINDOW = 10            # mini-batches averaged for loss_first / loss_last
+NOT_STORED = np.uint64(2**64 - 1)   # id of a replayed sample that is not a memory episode
 
 
 def consolidate(learner: Learner, budget_s: float,
@@ -96,14 +102,16 @@ class _Sleep:
         eps = EpisodeSet(episodes.ids, episodes.latents.astype(np.float32) + L.center,
                          episodes.labels.astype(np.int64), episodes.surprise)
         held = holdout_mask(eps.labels, self.cfg.holdout_fraction, rng)
-        train = eps.subset(~held)
-        gate_x, gate_y = self._gate_set(eps.subset(held))
-        self.info.update(episodes_train=len(train), episodes_held_out=int(gate_y.shape[0]))
-        if len(train) == 0:
+        memory_train = eps.subset(~held)
+        ex_train, ex_gate = self._exemplars(rng)
+        train = memory_train.concat(ex_train)
+        gate = eps.subset(held).concat(ex_gate)
+        self.info.update(episodes_train=len(train), episodes_held_out=len(gate))
+        if len(memory_train) == 0:
             return self.report(False, "nothing to replay: the memory holds no episodes")
-        if gate_y.shape[0] < self.cfg.min_held_out:
+        if len(gate) < self.cfg.min_held_out:
             return self.report(False, f"too few held-out samples to validate "
-                                      f"({gate_y.shape[0]} < min_held_out={self.cfg.min_held_out})")
+                                      f"({len(gate)} < min_held_out={self.cfg.min_held_out})")
         student0 = teacher.with_classes(len(classes))
         stream = ReplayStream(train, len(classes), surprise_share=self.cfg.surprise_share,
                               pseudo_below=self.cfg.pseudo_below,
@@ -112,38 +120,46 @@ class _Sleep:
         theta, replayed = self._train(student0, teacher, stream)
         if theta is None:
             return self.report(False, "preempted")
+        if self.info["steps"] == 0:
+            return self.report(False, "no training step fit in the budget (or replay_samples=0)")
         try:
             student = student0.unpack(theta, version=teacher.version + 1)
         except (ValueError, ReverieError) as exc:
             return self.report(False, f"diverged: {exc}")
         if self.stop.is_set():
             return self.report(False, "preempted")
-        before, after = self._evaluate(teacher, student, train, gate_x, gate_y, len(classes))
+        before, after = self._evaluate(teacher, student, memory_train, gate, len(classes))
         self.info.update(acc_before=before, acc_after=after)
         reason = _gate(before, after, self.cfg.max_old_drop, self.cfg.max_overall_drop)
         if reason:
             return self.report(False, reason)
         if self.stop.is_set():
             return self.report(False, "preempted")
-        return self._commit(teacher, student, train.ids[replayed])
+        replayed = replayed[replayed < len(memory_train)]      # not the bundle's exemplars
+        return self._commit(teacher, student, memory_train.ids[replayed])
 
     # ------------------------------------------------------------------ steps
 
-    def _gate_set(self, held: EpisodeSet) -> tuple[np.ndarray, np.ndarray]:
-        """Held-out episodes + the bundle's exemplars the memory was not seeded with."""
+    def _exemplars(self, rng: np.random.Generator) -> tuple[EpisodeSet, EpisodeSet]:
+        """The bundle's exemplars the memory was not seeded with (base classes), split
+        half for replay, half for the gate; empty sets without exemplars."""
         L = self.learner
         ex = L._load_exemplars()
-        xs, ys = [held.latents], [held.labels]
-        if ex is not None:
-            lab = ex["labels"]
-            rank = np.zeros(lab.shape[0], np.int64)        # position within its class
-            for c in np.unique(lab):
-                rows = np.flatnonzero(lab == c)
-                rank[rows] = np.arange(rows.shape[0])
-            extra = rank >= L.config.exemplars_per_class
-            xs.append(ex["latents"][extra])
-            ys.append(lab[extra])
-        return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.int64)
+        if ex is None:
+            empty = EpisodeSet(np.zeros(0, np.uint64), np.zeros((0, L.latent_dim), np.float32),
+                               np.zeros(0, np.int64), np.zeros(0, np.float32))
+            return empty, empty
+        lab = ex["labels"]
+        rank = np.zeros(lab.shape[0], np.int64)             # position within its class
+        for c in np.unique(lab):
+            rows = np.flatnonzero(lab == c)
+            rank[rows] = np.arange(rows.shape[0])
+        unseeded = rank >= L.config.exemplars_per_class
+        extra = EpisodeSet(np.full(lab.shape[0], NOT_STORED, np.uint64),
+                           ex["latents"].astype(np.float32), lab.astype(np.int64),
+                           np.zeros(lab.shape[0], np.float32)).subset(unseeded)
+        to_gate = holdout_mask(extra.labels, 0.5, rng)
+        return extra.subset(~to_gate), extra.subset(to_gate)
 
     def _train(self, student0: AdaptedHead, teacher: AdaptedHead, stream: ReplayStream):
         """-> (trained theta, training rows replayed) or (None, None) when stopped."""
@@ -152,26 +168,27 @@ class _Sleep:
         theta = p.theta.copy()
         grad, m, v = (np.zeros_like(theta) for _ in range(3))
         bs = cfg.batch_size
+        # Floats, always: an int here would compile (and cache) a second kernel signature.
+        kd, temp = float(cfg.distill_weight), float(cfg.distill_temperature)
+        adam = (float(cfg.lr), float(cfg.beta1), float(cfg.beta2), float(cfg.adam_eps),
+                float(cfg.max_grad_norm))
         done = steps = n_pseudo = 0
         losses: list[float] = []
         used: list[np.ndarray] = []
-        while done < cfg.replay_samples and time.monotonic() < self.deadline:
-            if self.stop.is_set():
-                return None, None
+        stopped = False
+        while done < cfg.replay_samples and time.monotonic() < self.deadline and not stopped:
             X, y, rows = stream.draw(min(bs * CHUNK_BATCHES, cfg.replay_samples - done))
             T = teacher.logits(X)                                       # (n, Kp) f32
             for s in range(0, X.shape[0], bs):
-                if self.stop.is_set():
-                    return None, None
-                if time.monotonic() >= self.deadline:
+                stopped = self.stop.is_set()
+                if stopped or time.monotonic() >= self.deadline:
                     X, y, rows = X[:s], y[:s], rows[:s]
                     break
                 steps += 1
                 losses.append(kernels.train_step(
                     X[s: s + bs], y[s: s + bs], T[s: s + bs], p.layout, p.rank, p.n_new,
-                    p.nw_off, p.act, p.wflat, p.bflat, theta, cfg.distill_weight,
-                    cfg.distill_temperature, grad, m, v, steps, cfg.lr, cfg.beta1, cfg.beta2,
-                    cfg.adam_eps, cfg.max_grad_norm))
+                    p.nw_off, p.act, p.wflat, p.bflat, theta, kd, temp, grad, m, v, steps,
+                    *adam))
             done += X.shape[0]
             n_pseudo += int((rows < 0).sum())
             used.append(rows[rows >= 0])
@@ -179,14 +196,17 @@ class _Sleep:
             samples_replayed=done, pseudo_samples=n_pseudo, steps=steps,
             loss_first=float(np.mean(losses[:LOSS_WINDOW])) if losses else None,
             loss_last=float(np.mean(losses[-LOSS_WINDOW:])) if losses else None)
+        if stopped or self.stop.is_set():
+            return None, None
         rows = np.concatenate(used) if used else np.zeros(0, np.int64)
         return theta, rows
 
-    def _evaluate(self, teacher, student, train: EpisodeSet, gate_x, gate_y, n_classes):
+    def _evaluate(self, teacher, student, train: EpisodeSet, gate: EpisodeSet, n_classes):
         """The learner's fused prediction with either head, the fast system's neighbours
         being the training episodes (exact cosine kNN, as the memory's index answers)."""
         L = self.learner
         k = min(L.config.k_neighbors, len(train))
+        gate_x, gate_y = gate.latents, gate.labels
         q = _unit(gate_x - L.center)                                     # (G, d)
         db = _unit(train.latents - L.center)                             # (n, d)
         sim = q @ db.T                                                   # (G, n)
@@ -217,10 +237,14 @@ class _Sleep:
             L.memory.mark_replayed(replayed_ids, time.time())
             decayed = L.memory.decay(np.unique(replayed_ids), cfg.forget_factor)
             evicted = _evict(L.memory, cfg.evict_below, cfg.keep_per_class)
+            reason = "accepted"
             if L.state is not None and cfg.checkpoint:
-                L.checkpoint()
-        return self.report(True, "accepted", episodes_decayed=decayed,
-                           episodes_evicted=evicted)
+                try:
+                    L.checkpoint()
+                except (ReverieError, OSError) as exc:   # the swap stands; the next checkpoint keeps it
+                    log.warning("sleep: checkpoint after the swap failed: %s", exc)
+                    reason = f"accepted; checkpoint failed: {exc}"
+        return self.report(True, reason, episodes_decayed=decayed, episodes_evicted=evicted)
 
 
 def _gate(before: Accuracy, after: Accuracy, max_old_drop: float,

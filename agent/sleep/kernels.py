@@ -7,11 +7,11 @@ A head of L dense layers is described by ``layout`` (L, 6) int64, one row per la
 
 ``wflat``/``bflat`` hold the frozen ``W_i`` (n_out, n_in) and ``b_i`` (n_out,) at
 ``w_off``/``b_off``; ``theta`` holds the trainable ``A_i`` (r, n_in) at ``a_off``, ``B_i``
-(n_out, r) at ``bb_off``, and the device classes' rows ``N`` (n_new, n_in_last) at
-``nw_off`` and their biases ``c`` (n_new,) right after (``nw_off + n_new * n_in_last``).
+(n_out, r) at ``bb_off``, and from ``nw_off`` on the device classes' rows ``N`` (n_new,
+n_in_last), their skip weights ``S`` (n_new, d) and biases ``c`` (n_new,), in that order.
 Layer i computes ``z_i = h_i @ (W_i + B_i @ A_i).T + b_i``, factored as
 ``h_i @ W_i.T + (h_i @ A_i.T) @ B_i.T``; ``act`` (1 relu, 0 identity) runs between layers;
-the logits are ``[z_last, h_last @ N.T + c]`` (B, K), K = n_out_last + n_new.
+the logits are ``[z_last, h_last @ N.T + x @ S.T + c]`` (B, K), K = n_out_last + n_new.
 
 Loss of a mini-batch (B rows, labels y, teacher logits t over the first Kp classes)::
 
@@ -81,11 +81,15 @@ def forward(x, layout, rank, n_new, nw_off, act, wflat, bflat, theta, hs, us):
                 else:
                     logits[b, o] = z
         if i == L - 1:
+            d = x.shape[1]
             N = theta[nw_off: nw_off + n_new * n_in].reshape((n_new, n_in))   # (n_new, n_in)
-            c_off = nw_off + n_new * n_in
+            s_off = nw_off + n_new * n_in
+            S = theta[s_off: s_off + n_new * d].reshape((n_new, d))         # (n_new, d)
+            c_off = s_off + n_new * d
             for b in range(B):
                 for n in range(n_new):
-                    logits[b, k_base + n] = theta[c_off + n] + _dot(N[n], h[b], n_in)
+                    logits[b, k_base + n] = (theta[c_off + n] + _dot(N[n], h[b], n_in)
+                                             + _dot(S[n], x[b], d))
         off = nxt
     return logits
 
@@ -182,13 +186,17 @@ def loss_and_grad(x, y, t_logits, layout, rank, n_new, nw_off, act, wflat, bflat
                 _axpy(gu[b, k], h[b], dA[k], n_in)
         last = i == L - 1
         if last and n_new > 0:
+            d = x.shape[1]
             N = theta[nw_off: nw_off + n_new * n_in].reshape((n_new, n_in))
             dN = grad[nw_off: nw_off + n_new * n_in].reshape((n_new, n_in))
-            c_off = nw_off + n_new * n_in
+            s_off = nw_off + n_new * n_in
+            dS = grad[s_off: s_off + n_new * d].reshape((n_new, d))
+            c_off = s_off + n_new * d
             for b in range(B):
                 for n in range(n_new):
                     gn = g[b, k_base + n]
                     _axpy(gn, h[b], dN[n], n_in)
+                    _axpy(gn, x[b], dS[n], d)
                     grad[c_off + n] += gn
         if i == 0:
             break

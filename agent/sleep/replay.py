@@ -42,6 +42,11 @@ class EpisodeSet:
         return EpisodeSet(self.ids[mask], self.latents[mask], self.labels[mask],
                           self.surprise[mask])
 
+    def concat(self, other: EpisodeSet) -> EpisodeSet:
+        return EpisodeSet(*(np.concatenate([a, b]) for a, b in (
+            (self.ids, other.ids), (self.latents, other.latents), (self.labels, other.labels),
+            (self.surprise, other.surprise))))
+
 
 def holdout_mask(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """(n,) bool: ``round(n_c * fraction)`` random episodes of every class c, at most n_c - 1."""

@@ -1,0 +1,189 @@
+"""Learner.sleep end to end on the simulator bundle: consolidation into the head, the
+validation gate's rollback, preemption, scheduled forgetting, persistence across restart."""
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from agent.learner import Learner, LearnerConfig, SleepConfig
+from tests.agent.learner.conftest import BASE, NEW, windows
+
+FAST = SleepConfig(replay_samples=3000)          # ~0.1 s of training on this head
+
+
+def _learner(bundle, sleep=FAST, state_dir=None, **kw) -> Learner:
+    return Learner.from_bundle(bundle, _config(sleep, **kw), state_dir=state_dir)
+
+
+def _config(sleep=FAST, **kw) -> LearnerConfig:
+    # Store every labelled window, so each new class holds enough episodes to hold out.
+    return LearnerConfig(capacity=500, min_class_episodes=25, sleep=sleep, **kw)
+
+
+def _teach(learner: Learner, n: int = 25) -> None:
+    for cls in NEW:
+        for i, w in enumerate(windows(cls, n, seed=1)):
+            learner.learn_one(w, cls, ts=1000.0 + i)
+
+
+def _accuracy(learner: Learner, classes, n: int = 20, seed: int = 50):
+    preds = {c: learner.predict_many(windows(c, n, seed=seed)) for c in classes}
+    acc = np.mean([p.label == c for c in classes for p in preds[c]])
+    return acc, preds
+
+
+def _strengths(learner: Learner) -> np.ndarray:
+    return learner.memory.get(learner.memory.ids()).strength
+
+
+def test_accepted_sleep_moves_the_new_classes_into_the_head(base_bundle):
+    with _learner(base_bundle) as L:
+        _teach(L)
+        old_before, _ = _accuracy(L, BASE)
+        _, preds = _accuracy(L, NEW)
+        assert all(p.decided_by == "fast" for c in NEW for p in preds[c])
+        n_episodes = len(L.memory)
+
+        report = L.sleep(budget_s=30)
+
+        assert report.accepted and report.reason == "accepted", report
+        assert report.adapter_version == L.adapted_head.version == 1
+        assert report.head_classes == BASE + NEW and L.adapted_head.n_classes == 6
+        assert report.samples_replayed == 3000 and report.steps == 3000 // 32 + 1
+        assert report.acc_after.n_new > 0 and report.acc_after.old >= report.acc_before.old - 0.01
+        assert report.loss_last < report.loss_first
+        assert 0 < report.episodes_decayed <= report.episodes_train
+        assert report.episodes_evicted == 0 and len(L.memory) == n_episodes
+        assert 0 < report.duration_s < 30
+        json.dumps(report.to_dict())                                   # event-ready
+        # Scheduled forgetting: replayed episodes lost strength, held-out ones did not.
+        s = _strengths(L)
+        assert np.isclose(s, 0.5).sum() == report.episodes_decayed and (s[s > 0.5] == 1).all()
+
+        # The head itself now names the new classes; the memory only agrees.
+        acc_new, preds = _accuracy(L, NEW)
+        assert acc_new >= 0.9
+        assert all(p.decided_by in ("slow", "agree") for c in NEW for p in preds[c])
+        latents = L.encoder.encode(windows("shake", 20, seed=50))
+        assert np.mean(L.adapted_head.logits(latents).argmax(axis=1) == 4) >= 0.9
+        old_after, _ = _accuracy(L, BASE)
+        assert old_after >= old_before - 0.05
+        assert L.stats()["adapter_version"] == 1
+
+        again = L.sleep(budget_s=30)                   # nothing new: the gate still holds
+        assert again.acc_before.n_new == 0 and again.adapter_version in (1, 2)
+
+
+def test_the_gate_rolls_back_a_bad_adapter(base_bundle):
+    # A huge step without clipping or distillation wrecks the head: the gate must notice.
+    bad = SleepConfig(replay_samples=1000, lr=1.0, max_grad_norm=0.0, distill_weight=0.0)
+    with _learner(base_bundle, sleep=bad) as L:
+        _teach(L)
+        head = L.adapted_head
+        probe = windows("walk", 10, seed=7)
+        before = [p.probs for p in L.predict_many(probe)]
+        strengths = _strengths(L)
+
+        report = L.sleep(budget_s=30)
+
+        assert not report.accepted and not report.preempted
+        assert report.reason.startswith(("gate:", "diverged")), report.reason
+        assert L.adapted_head is head and report.adapter_version == 0
+        assert report.head_classes == BASE
+        np.testing.assert_array_equal([p.probs for p in L.predict_many(probe)], before)
+        np.testing.assert_array_equal(_strengths(L), strengths)       # nothing forgotten
+        assert report.episodes_decayed == 0
+
+
+def test_a_tight_bound_rejects_what_a_loose_one_accepts(base_bundle):
+    # The same sleep (same seed, a harmful learning rate) under two bounds: the gate's
+    # rule decides, and its reason names the rule and the numbers.
+    loose = SleepConfig(replay_samples=300, max_old_drop=1.0, max_overall_drop=1.0,
+                        lr=0.05, max_grad_norm=0.0, distill_weight=0.0)
+    strict = SleepConfig(**{**loose.__dict__, "max_old_drop": 0.01, "max_overall_drop": 1.0})
+    reports = []
+    for cfg in (loose, strict):
+        with _learner(base_bundle, sleep=cfg) as L:
+            _teach(L)
+            reports.append((L.sleep(budget_s=30), L.adapted_head.version))
+    (a, version_a), (b, version_b) = reports
+    assert a.acc_after == b.acc_after and a.acc_after.old < a.acc_before.old - 0.01
+    assert a.accepted and version_a == 1
+    assert not b.accepted and version_b == 0
+    assert b.reason.startswith("gate: old-class accuracy fell") and "allowed drop 0.010" in b.reason
+
+
+def test_a_stop_event_preempts_within_100_ms_and_predictions_go_on(base_bundle):
+    endless = SleepConfig(replay_samples=10**9)
+    with _learner(base_bundle, sleep=endless) as L:
+        _teach(L)
+        head = L.adapted_head
+        probe = windows("tilt", 8, seed=3)
+        expected = [p.probs for p in L.predict_many(probe)]
+        strengths = _strengths(L)
+        stop = threading.Event()
+        out = {}
+        sleeper = threading.Thread(target=lambda: out.update(r=L.sleep(60, stop_event=stop)))
+        sleeper.start()
+        time.sleep(0.5)                                 # well into training
+        assert sleeper.is_alive()
+        for _ in range(5):                              # predictions use the current head
+            np.testing.assert_array_equal([p.probs for p in L.predict_many(probe)], expected)
+        busy = L.sleep(1.0)
+        assert not busy.accepted and busy.reason.startswith("busy")
+        t0 = time.perf_counter()
+        stop.set()
+        sleeper.join(5.0)
+        elapsed = time.perf_counter() - t0
+        assert not sleeper.is_alive()
+        assert elapsed < 0.5, f"stopped {elapsed * 1e3:.0f} ms after the event (target 100 ms)"
+        report = out["r"]
+        assert report.preempted and not report.accepted and report.reason == "preempted"
+        assert report.samples_replayed > 0                # it was stopped mid-training
+        assert L.adapted_head is head and report.adapter_version == 0
+        np.testing.assert_array_equal(_strengths(L), strengths)
+
+
+def test_adapters_survive_a_restart(base_bundle, tmp_path):
+    with _learner(base_bundle, state_dir=tmp_path / "s") as L:
+        _teach(L)
+        report = L.sleep(budget_s=30)
+        assert report.accepted, report
+        probe = np.concatenate([windows(c, 3, seed=9) for c in BASE + NEW])
+        expected = L.predict_many(probe)
+        manifest = L.adapted_head.manifest()
+    with Learner.load(tmp_path / "s", base_bundle, _config()) as L2:
+        assert L2.adapted_head.version == 1 and L2.adapted_head.manifest() == manifest
+        again = L2.predict_many(probe)
+        assert [p.label for p in again] == [p.label for p in expected]
+        assert [p.decided_by for p in again] == [p.decided_by for p in expected]
+        np.testing.assert_allclose([p.probs for p in again], [p.probs for p in expected],
+                                   atol=1e-6)
+        np.testing.assert_allclose(_strengths(L2)[_strengths(L2) < 1], 0.5)   # decay kept
+        assert not L2.recovery_warnings
+
+
+def test_forgetting_evicts_weak_episodes_but_keeps_a_floor_per_class(base_bundle):
+    cfg = SleepConfig(replay_samples=3000, forget_factor=0.2, evict_below=0.5, keep_per_class=8)
+    with _learner(base_bundle, sleep=cfg) as L:
+        _teach(L)
+        n = len(L.memory)
+        report = L.sleep(budget_s=30)
+        assert report.accepted, report
+        assert report.episodes_evicted == n - len(L.memory) > 0
+        assert (L.memory.class_counts() >= 8).all()
+        assert report.episodes_decayed >= report.episodes_evicted
+
+
+def test_sleep_without_enough_data_says_why(base_bundle):
+    with _learner(base_bundle, sleep=SleepConfig(min_held_out=10**6)) as L:
+        report = L.sleep(budget_s=5)
+        assert not report.accepted and report.reason.startswith("too few held-out")
+    with _learner(base_bundle, exemplars_per_class=0) as L:
+        report = L.sleep(budget_s=5)
+        assert not report.accepted and report.reason.startswith("nothing to replay")
+    with _learner(base_bundle) as L, pytest.raises(ValueError, match="budget_s"):
+        L.sleep(budget_s=0)
