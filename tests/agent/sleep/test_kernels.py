@@ -7,7 +7,7 @@ import torch
 
 from agent.sleep import kernels
 from agent.sleep.adapters import AdaptedHead
-from tests.agent.sleep.torch_reference import (
+from export.sleep_reference import (
     TorchTrainer,
     loss_and_grad,
     random_adapted,

@@ -1,10 +1,10 @@
 """The adapter update written in torch: the oracle of the numba kernels and their baseline.
 
 Tests check `agent.sleep.kernels` against `loss_and_grad` (autograd) and `TorchTrainer`
-(torch's Adam + clip_grad_norm_). `python -m tests.agent.sleep.torch_reference` times
-consolidating 10k replayed samples both ways on one core (issue 5's target: numba <= 5 s
-and >= 2x faster than torch); `compare` is importable by a later `reverie bench sleep`.
-Lives under tests/ because `agent` never imports torch.
+(torch's Adam + clip_grad_norm_). `reverie bench sleep` (export/bench_sleep.py) times
+consolidating 10k replayed samples both ways on one core with `compare` (issue 5's target:
+numba <= 5 s and >= 2x faster than torch). Lives in `export` because `agent` never
+imports torch.
 """
 
 from __future__ import annotations
