@@ -205,7 +205,10 @@ class EpisodicMemory:
         The batched read path of prediction: one hnswlib call for the batch, no copies of
         the episodes themselves.
         """
-        x = float_array(latents, name="latents", shape=(None, self.config.dim))   # (B, d)
+        x = latents
+        if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 2
+                and x.shape[1] == self.config.dim and np.isfinite(x.sum())):
+            x = float_array(latents, name="latents", shape=(None, self.config.dim))   # (B, d)
         k = int_scalar(k, name="k", lo=1)
         with self._lock:
             n = min(k, self._n)
