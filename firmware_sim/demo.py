@@ -37,7 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", default=os.environ.get("REVERIE_DEMO_CACHE", ".reverie/demo"),
                    help="where the trained base model is cached (default .reverie/demo)")
     p.add_argument("--retrain", action="store_true", help="ignore the cached base model")
+    p.add_argument("--bundle", default=None,
+                   help="use this bundle (trained on the simulator's classes) instead of "
+                        "training or reusing the cached one")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--protocol", choices=["5", "3.1.1"], default=None,
+                   help="MQTT version (default: 5 when the broker speaks it)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
@@ -87,6 +92,7 @@ class Scoreboard:
         self.per_class_ok: Counter = Counter()
         self.latencies: list[float] = []
         self.errors = 0
+        self.novelty = 0
 
     def on_prediction(self, body: dict) -> None:
         device = body["device"]
@@ -120,6 +126,7 @@ class Scoreboard:
                 "recall": {c: self.per_class_ok[c] / n for c, n in sorted(self.per_class.items())},
                 "latency_ms_p50": lat[len(lat) // 2] if lat else None,
                 "error_events": self.errors,
+                "novelty_events": self.novelty,
             }
 
 
@@ -132,7 +139,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     t_start = time.monotonic()
     cache_dir = Path(args.cache_dir)
-    bundle_dir = ensure_bundle(cache_dir, retrain=args.retrain, seed=args.seed)
+    if args.bundle:
+        bundle_dir = Path(args.bundle)
+    else:
+        bundle_dir = ensure_bundle(cache_dir, retrain=args.retrain, seed=args.seed)
 
     broker = None
     if args.broker:
@@ -142,7 +152,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         broker.start()
         url = broker.url
         _say(f"embedded broker: {broker.kind} on {url}")
-    protocol = "5" if broker is None or "5" in broker.protocols else "3.1.1"
+    protocol = args.protocol or ("5" if broker is None or "5" in broker.protocols else "3.1.1")
     agent_proc = None
     probe = None
     try:
@@ -167,6 +177,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 online.set()
             elif kind == "predictions":
                 board.on_prediction(body)
+            elif kind == "events" and body.get("type") == "novelty":
+                board.novelty += 1  # e.g. windows that straddle a change of activity
             elif kind == "events":
                 board.errors += 1
                 _say(f"agent event: {body.get('reason')}: {body.get('detail')}")
