@@ -273,3 +273,16 @@ def _restore_logging():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _numba_kernels_compiled():
+    """Compile every numba kernel into NUMBA_CACHE_DIR once, up front: subprocesses that
+    tests start (the daemon, SIGKILL children) then load them from the cache instead of
+    spending their first seconds compiling (on a fresh clone the cache is empty)."""
+    import importlib
+
+    from agent.warmup import KERNEL_MODULES
+
+    for name in KERNEL_MODULES:
+        importlib.import_module(name).warmup()

@@ -64,9 +64,13 @@ def _run(bundle, state, cycles: int, seed: int):
     for _ in range(cycles):
         proc = subprocess.Popen([sys.executable, "-c", CHILD, str(bundle), str(state), str(start)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        time.sleep(float(rng.uniform(0.5, 3.0)))
+        # Kill at a random moment after start-up (recovery itself is killed in the persist
+        # tests); waiting for "ready" keeps a slow start from eating the whole window.
+        first = proc.stdout.readline()
+        time.sleep(float(rng.uniform(0.2, 2.0)))
         proc.send_signal(signal.SIGKILL)
         out, err = proc.communicate()
+        out = first + out
         assert proc.returncode == -signal.SIGKILL, err[-2000:]
         acked |= set(_acknowledged(out))
         start = _check(bundle, state, acked)
