@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The device runtime: `reverie run` without torch. Build from the repository root:
 #   docker build -t reverie-agent .
-#   docker run --init -v $PWD/bundle:/models/bundle:ro \
+#   docker run -v $PWD/bundle:/models/bundle:ro \
 #       -e REVERIE_BROKER=mqtt://broker:1883 -e REVERIE_DEVICE_ID=dev1 reverie-agent
 # The install steps live in .ci/install-runtime.sh, which CI also runs (no Docker engine there).
 

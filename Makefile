@@ -17,8 +17,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 demo: $(VENV)/.stamp-demo
 	$(BIN)/reverie demo $(ARGS)
 
-test: $(VENV)/.stamp-dev
-	$(BIN)/ruff check agent export firmware_sim tests
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.stamp-dev

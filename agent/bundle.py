@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import BundleError
+from agent.persist import fsio
 
 if TYPE_CHECKING:
     from agent.signing import PublicKey
@@ -42,12 +43,9 @@ SIGNATURE = "manifest.sig"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file (`agent.persist.fsio.sha256_file` without the size)."""
+    return fsio.sha256_file(path)[0]
 
 
 @dataclass(frozen=True)
@@ -204,7 +202,8 @@ def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> Path:
     files = {}
     for f in sorted(bundle_dir.iterdir()):
         if f.is_file() and f.name not in (MANIFEST, SIGNATURE):
-            files[f.name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+            digest, size = fsio.sha256_file(f)
+            files[f.name] = {"sha256": digest, "bytes": size}
     manifest = {**manifest, "format_version": FORMAT_VERSION, "files": files}
     out = bundle_dir / MANIFEST
     out.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from agent.protocol import MAX_SAMPLES
+
 
 @dataclass(frozen=True)
 class Window:
@@ -40,8 +42,8 @@ class WindowBuffer:
     [0, 1]
     """
 
-    def __init__(self, *, n_channels: int, window: int, hop: int, max_frame_samples: int = 4096):
-        if window < 1 or not 1 <= hop:
+    def __init__(self, *, n_channels: int, window: int, hop: int, max_frame_samples: int = MAX_SAMPLES):
+        if window < 1 or hop < 1:
             raise ValueError(f"window={window}, hop={hop}: expected window >= 1 and hop >= 1")
         self.n_channels = n_channels
         self.window = window
@@ -55,7 +57,6 @@ class WindowBuffer:
         self._next_index = 0
         self.counters = WindowCounters()
         self._skip = 0  # samples still to discard after a hop larger than the window
-        self.last_frame_monotonic: float | None = None
 
     def push(self, seq: int, ts: float, values: np.ndarray) -> list[Window]:
         """Append one frame's samples ``(S, C)``; return the windows it completes."""

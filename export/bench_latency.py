@@ -2,7 +2,7 @@
 eager, and the device's full predict path; registered through ``reverie.bench``.
 
 Everything is measured in one run, one thread, batch 1, interleaved
-(`export.timing.interleaved_times`: every implementation sees the same machine load):
+(`agent.bench.timing.interleaved_times`: every implementation sees the same machine load):
 
 * encoders: onnxruntime fp32 (``encoder.onnx`` with the device's session settings),
   onnxruntime int8 (the ``--int8`` bundle's encoder; without it, every method of
@@ -152,7 +152,7 @@ def _windows(bundle, cal, n: int, seed: int) -> np.ndarray:
 
 def _predict_rows(learners, X: np.ndarray, iterations: int) -> list[dict]:
     """predict_one and the learner's own Encoder.encode, all interleaved in one run."""
-    from export.timing import interleaved_times, summary
+    from agent.bench.timing import interleaved_times, summary
 
     fns = {}
     for name, learner in learners:
@@ -203,10 +203,10 @@ def cmd_latency(args: argparse.Namespace) -> int:
     import tempfile
 
     from agent.bench.cli import environment, print_table, write_json
+    from agent.bench.timing import interleaved_times, summary
     from agent.bundle import load_bundle
     from agent.errors import ConfigError
     from export.int8 import load_calibration
-    from export.timing import interleaved_times, summary
 
     if args.iterations < 1 or args.episodes < 0:
         raise ConfigError(f"--iterations {args.iterations} / --episodes {args.episodes}: "

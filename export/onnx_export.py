@@ -29,6 +29,7 @@ import agent
 from agent.bundle import MANIFEST, write_manifest
 from agent.dataset import Dataset
 from agent.errors import BundleError, ConfigError
+from agent.persist.fsio import fsync_dir, fsync_path
 from export.model import HEAD_ACTIVATION, Encoder, ReverieNet
 from export.sae import SAE_FILE
 from export.train import TrainConfig
@@ -139,14 +140,6 @@ def check_output_dir(out_dir: Path, force: bool, flag: str = "--force") -> None:
                           f"refusing to replace it even with {flag}")
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def move_into_place(staging: Path, out_dir: Path, force: bool, flag: str = "--force") -> None:
     """Rename the complete ``staging`` directory to ``out_dir`` (replacing an existing
     bundle there only with ``force``), then fsync the parent directory."""
@@ -158,7 +151,7 @@ def move_into_place(staging: Path, out_dir: Path, force: bool, flag: str = "--fo
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, out_dir)  # an empty directory is replaced atomically
-    fsync_path(out_dir.parent)
+    fsync_dir(out_dir.parent)
 
 
 def write_bundle(out_dir: str | Path, model: ReverieNet, manifest: dict[str, Any], *,

@@ -15,7 +15,7 @@ Two candidates are built from the encoder (after onnxruntime's ``quant_pre_proce
 Each is scored end to end (int8 encoder + the bundle's numpy head, `agent.head.Head`) on
 the calibration dataset's *test* split, bundle classes only, and timed per window (one
 thread, batch 1, the device's session settings) interleaved with the fp32 encoder (see
-`export.timing`). The fastest candidate whose accuracy drop is within ``max_drop``
+`agent.bench.timing`). The fastest candidate whose accuracy drop is within ``max_drop``
 points wins; if none is, `QuantizeError` (nothing written) unless ``force``, which
 writes the most accurate one.
 
@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from agent.bench.timing import interleaved_times, summary
 from agent.bundle import SIGNATURE, Bundle, load_bundle, write_manifest
 from agent.errors import BundleError, ConfigError
 from agent.head import Head
@@ -57,7 +58,6 @@ from export.int8 import (
     load_calibration,
     with_head,
 )
-from export.timing import interleaved_times, summary
 
 ENCODER = "encoder.onnx"
 MODEL = "model.onnx"

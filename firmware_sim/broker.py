@@ -58,8 +58,9 @@ def resolve_kind(prefer: str = "auto") -> str:
     """The broker kind `prefer` selects here: ``"mosquitto"`` or ``"amqtt"``."""
     if prefer not in PREFERENCES:
         raise ConfigError(f"Invalid broker preference: {prefer!r} (expected one of {PREFERENCES})")
-    if prefer == "mosquitto" or (prefer == "auto" and find_mosquitto()):
-        if find_mosquitto() is None:
+    found = find_mosquitto() if prefer in ("mosquitto", "auto") else None
+    if prefer == "mosquitto" or (prefer == "auto" and found):
+        if found is None:
             raise BrokerError(
                 "No mosquitto binary found (searched PATH and "
                 f"{', '.join(MOSQUITTO_CANDIDATES)}); install mosquitto or use prefer='amqtt'")

@@ -204,8 +204,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stats = sim.run()
         time.sleep(1.0)  # the last windows are still in flight
         summary = board.summary()
-        summary["frames_sent"] = sum(stats.frames_sent.values()) if isinstance(
-            stats.frames_sent, dict) else stats.frames_sent
+        summary["frames_sent"] = sum(stats.frames_sent.values())
         summary["elapsed_s"] = round(time.monotonic() - t_start, 1)
         _say("summary " + json.dumps(summary, indent=2))
         if not summary["windows"]:

@@ -69,9 +69,6 @@ class DeviceStream:
         self._seg_end = 0  # one past the last sample of the last segment
         self._seq = 0  # the next frame's seq
 
-    @property
-    def frames_generated(self) -> int:
-        return self._seq
 
     def _add_segment(self) -> None:
         lo, hi = self.segment_s

@@ -97,7 +97,7 @@ class Learner:
         self.n_stored = 0                 # episodes learned since creation (incl. replayed)
         self._since_checkpoint = 0
         self.novelty_threshold: float | None = None
-        exemplars = self._load_exemplars()
+        exemplars = self._exemplars = self._load_exemplars()   # sleep replays them too
         # The memory compares latents centred on the mean training latent: non-negative
         # (post-ReLU) latents share a dominant direction that swamps cosine similarity.
         self.center = (exemplars["latent_mean"] if exemplars is not None and config.center
@@ -110,7 +110,6 @@ class Learner:
                                                         code_k=self.coder.k))
         self.state: StateDir | None = None
         self.recovery_warnings: list[str] = []
-        recovered = False
         if state_dir is not None:
             self.state = StateDir(state_dir)
             rec = self.state.recover()
@@ -119,8 +118,7 @@ class Learner:
                 log.warning("state recovery: %s", w)
             if rec.checkpoint is not None:
                 restore(self, LearnerState.from_checkpoint(rec.checkpoint))
-                recovered = True
-            if not recovered:
+            else:
                 self._seed(exemplars)
             for _seq, payload in rec.records:
                 self._apply(*LearnerState.decode_episode(payload))

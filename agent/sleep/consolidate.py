@@ -144,7 +144,7 @@ class _Sleep:
         """The bundle's exemplars the memory was not seeded with (base classes), split
         half for replay, half for the gate; empty sets without exemplars."""
         L = self.learner
-        ex = L._load_exemplars()
+        ex = L._exemplars   # loaded (and hash-checked) once, when the learner started
         if ex is None:
             empty = EpisodeSet(np.zeros(0, np.uint64), np.zeros((0, L.latent_dim), np.float32),
                                np.zeros(0, np.int64), np.zeros(0, np.float32))

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
+from agent.bench.timing import interleaved_times
 from agent.bundle import SIGNATURE, load_bundle, sha256_file, write_manifest
 from agent.cli import main
 from agent.dataset import save_dataset
@@ -18,7 +19,6 @@ from export import verify_bundle
 from export.errors import VerifyError
 from export.int8 import load_calibration, with_head
 from export.quantize import default_output, quantize_bundle
-from export.timing import interleaved_times
 from tests.export.test_cli import assert_one_line_error, run
 
 ITERATIONS = "30"  # timed windows per encoder: enough to run the code, not to measure

@@ -60,7 +60,7 @@ def interleaved_times(fns: Mapping[str, Callable[[np.ndarray], object]], xs: np.
 
 
 def summary(samples_s: list[float]) -> dict[str, float]:
-    """p50 and p99 of durations in seconds, in microseconds (rounded to 0.1 us)."""
-    arr = np.asarray(samples_s, dtype=np.float64) * 1e6
-    return {"p50_us": round(float(np.percentile(arr, 50)), 1),
-            "p99_us": round(float(np.percentile(arr, 99)), 1)}
+    """`agent.bench.cli.percentiles` (p50, p99 in microseconds), rounded to 0.1 us."""
+    from agent.bench.cli import percentiles
+
+    return {k: round(v, 1) for k, v in percentiles(samples_s).items()}
