@@ -150,13 +150,9 @@ def print_report(result: dict) -> None:
         print(f"{mark}  {t['target']}: {t['measured']}")
 
 
-def encode_all(bundle_path: Path, X: np.ndarray, batch: int = 256
-               ) -> tuple[np.ndarray, float]:
-    """Latents of every window (the base encoder.onnx) and the encoder's time per window."""
-    from agent.bundle import load_bundle
-    from agent.inference import Encoder
-
-    enc = Encoder(load_bundle(bundle_path))
+def encode_all(enc, X: np.ndarray, batch: int = 256) -> tuple[np.ndarray, float]:
+    """Latents of every window (an `agent.inference.Encoder` of the base bundle) and the
+    encoder's time per window."""
     t0 = time.perf_counter()
     Z = np.concatenate([enc.encode(X[s:s + batch]) for s in range(0, len(X), batch)])
     return Z, (time.perf_counter() - t0) / max(len(X), 1)
@@ -196,9 +192,12 @@ def run(data_path: str | Path, cfg: CLConfig, workdir: Path,
     bundle_path = train_bundle(data_path, workdir / "base", base_classes=K, seed=cfg.seed,
                                epochs=cfg.epochs, verbose=False)
     base_train_s = time.perf_counter() - t0
-    bundle = load_bundle(bundle_path)
-    Z, enc_s = encode_all(bundle_path, ds.X)
-    Z_test, _ = encode_all(bundle_path, ds.X_test)
+    bundle = load_bundle(bundle_path)           # hashes checked once; the encoder reuses it
+    from agent.inference import Encoder
+
+    enc = Encoder(bundle)
+    Z, enc_s = encode_all(enc, ds.X)
+    Z_test, _ = encode_all(enc, ds.X_test)
     data = StreamData(ds, split, bundle_path, Z, Z_test, cfg)
 
     results: dict[str, dict] = {}
