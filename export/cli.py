@@ -178,11 +178,9 @@ def _quantize(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from export.verify import verify_bundle
 
-    report = verify_bundle(args.bundle, args.data)
+    report = verify_bundle(args.bundle, args.data, public_keys=args.public_key)
     print("\n".join(report.lines()))
-    if args.public_key:
-        from export.sign import verify_signature
-
-        print(f"signature OK (key {verify_signature(args.bundle, args.public_key)})")
+    if report.signed_by:
+        print(f"signature OK (key {report.signed_by})")
     print("bundle OK")
     return 0

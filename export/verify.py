@@ -69,6 +69,7 @@ class VerifyReport:
     data_rows_scored: int = 0
     quantized: bool = False
     agreement: dict[str, float] = field(default_factory=dict)  # int8 only: argmax vs torch
+    signed_by: str | None = None  # key id, when verified against public keys
 
     def lines(self) -> list[str]:
         out = [f"bundle {self.path} (id {self.bundle_id})"]
@@ -266,11 +267,14 @@ def _check_exemplars(bundle: Bundle) -> str:
 
 
 def verify_bundle(path: str | Path, data: str | Path | None = None, *, n_random: int = 64,
-                  tol: float = TOLERANCE, seed: int = 0) -> VerifyReport:
-    """Verify the bundle at ``path``; return a report or raise BundleError/VerifyError."""
-    bundle = load_bundle(path)
+                  tol: float = TOLERANCE, seed: int = 0, public_keys=None) -> VerifyReport:
+    """Verify the bundle at ``path``; return a report or raise BundleError/VerifyError.
+
+    With ``public_keys`` the bundle is loaded as a device configured with them loads it
+    (signature, no unlisted files), in the same pass that checks the hashes."""
+    bundle = load_bundle(path, public_keys=public_keys or None)
     m = bundle.manifest
-    report = VerifyReport(bundle.path, bundle.bundle_id)
+    report = VerifyReport(bundle.path, bundle.bundle_id, signed_by=bundle.signed_by)
     report.checks.append(f"manifest format_version {m['format_version']}, "
                          f"sha256 of {len(m['files'])} files")
     spec = m.get("onnx") or {}
