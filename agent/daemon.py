@@ -1,14 +1,23 @@
-"""The agent daemon: MQTT frames in, one prediction per window out.
+"""The agent daemon (`reverie run`): learning from MQTT streams on the device.
 
 Threads:
-* paho's network thread only enqueues (topic, payload, arrival time) into a bounded
-  queue; when it is full the message is dropped and counted, never blocking the network.
-* the worker thread decodes, windows, runs the model and publishes.
-* the main thread waits for SIGTERM/SIGINT and then stops cleanly: stop ingest, drain
-  what is queued, publish the retained "offline" status, disconnect.
+* paho's network thread only enqueues: frames into a bounded queue (full: dropped and
+  counted, never blocking the network), labels and commands (QoS 1) into a control queue
+  that the broker's in-flight window bounds (MQTT 5 Receive Maximum).
+* the worker (agent/worker.py) windows, predicts, learns, answers commands and asks the
+  sleep scheduler when to sleep.
+* the sleeper (agent/sleeper.py) consolidates, off the ingest path.
+* the main thread: signals, periodic checkpoints and status, health file, systemd
+  watchdog (only while the worker shows progress), metrics server.
 
-A bad message never kills the daemon: it is counted, reported as an error event on
-``{prefix}/{device}/events`` and dropped.
+Durability: the MQTT session is persistent (a stable client id; MQTT 5 session expiry,
+or clean session off on 3.1.1), labels are acknowledged only once learned into the
+write-ahead log, so labels published while the agent is down or crashing are delivered
+and learned after it restarts; deduplication by label key makes redelivery harmless.
+
+Shutdown (SIGTERM/SIGINT): stop ingest, finish what is queued (bounded), preempt a
+running sleep, checkpoint, publish the retained "offline" status, disconnect; well
+inside Docker's 10 s.
 """
 
 from __future__ import annotations
@@ -21,169 +30,247 @@ import signal
 import tempfile
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from collections import deque
 from pathlib import Path
 
 import numpy as np
 
 from agent import __version__
 from agent.bundle import Bundle, load_bundle
-from agent.errors import ConfigError, ProtocolError
-from agent.inference import Classifier
+from agent.config import AgentConfig
+from agent.errors import ConfigError
+from agent.history import WindowHistory
+from agent.inference import Classifier, Encoder
 from agent.learner import Learner, LearnerConfig
-from agent.mqtt import BrokerURL, make_client
-from agent.protocol import (
-    MAX_PAYLOAD_BYTES,
-    decode_frame,
-    encode_event,
-    encode_prediction,
-    encode_status,
-)
-from agent.topics import DEFAULT_PREFIX, WILDCARD_DEVICE, Topics, validate_device_id
+from agent.metrics import MetricsServer, Registry, daemon_metrics
+from agent.mqtt import connect_properties, make_client
+from agent.outbox import Outbox
+from agent.protocol import encode_event, encode_status
+from agent.scheduler import SleepScheduler
+from agent.sdnotify import SystemdNotifier
+from agent.sleeper import Sleeper
+from agent.topics import WILDCARD_DEVICE, Topics
 from agent.windowing import DeviceWindows
+from agent.worker import Inbound, Worker
 
 log = logging.getLogger("reverie.daemon")
-
-
-@dataclass(frozen=True)
-class DaemonConfig:
-    bundle: Path
-    broker: BrokerURL
-    device_id: str                     # a device id, or "+" to serve every device (gateway)
-    prefix: str = DEFAULT_PREFIX
-    agent_id: str | None = None        # status topic owner; default device id or "gateway"
-    hop_samples: int | None = None     # default: the window length (no overlap)
-    threads: int = 1
-    queue_size: int = 4096
-    max_batch: int = 64
-    max_payload_bytes: int = MAX_PAYLOAD_BYTES
-    protocol: str = "5"
-    client_id: str | None = None
-    health_file: Path | None = None
-    health_interval_s: float = 5.0
-    keepalive_s: int = 30
-    public_keys: tuple[Path, ...] = ()  # trusted bundle signers; empty: signature not checked
-    state_dir: Path | None = None       # the learner's checkpoints and write-ahead log
-
-    def __post_init__(self) -> None:
-        keys = self.public_keys
-        keys = (keys,) if isinstance(keys, str | Path) else keys
-        object.__setattr__(self, "public_keys", tuple(Path(p) for p in keys))
-        try:
-            validate_device_id(self.device_id, allow_wildcard=True)
-            if self.agent_id is not None:
-                validate_device_id(self.agent_id)
-            Topics(self.device_id, self.prefix)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        for name in ("threads", "queue_size", "max_batch", "max_payload_bytes", "keepalive_s"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)}, expected >= 1")
-        if self.hop_samples is not None and self.hop_samples < 1:
-            raise ConfigError(f"hop_samples={self.hop_samples}, expected >= 1")
-        if self.protocol not in ("5", "3.1.1"):
-            raise ConfigError(f"protocol={self.protocol!r}, expected '5' or '3.1.1'")
-
-    @property
-    def status_owner(self) -> str:
-        if self.agent_id:
-            return self.agent_id
-        return "gateway" if self.device_id == WILDCARD_DEVICE else self.device_id
-
-
-@dataclass
-class Counters:
-    received: int = 0
-    frames: int = 0
-    windows: int = 0
-    predictions: int = 0
-    novelty: int = 0
-    dropped: Counter = field(default_factory=Counter)  # reason -> count
-
-    def as_dict(self) -> dict:
-        return {"received": self.received, "frames": self.frames, "windows": self.windows,
-                "predictions": self.predictions, "novelty": self.novelty,
-                "dropped": dict(self.dropped)}
+RECEIVE_MAXIMUM = 64          # QoS 1 labels/commands in flight to us (MQTT 5)
+STATUS_INTERVAL_S = 30.0
+HISTORY_FILE = "windows.npz"
+IDLE_WAIT_S = 0.25            # the worker's longest sleep with nothing to do (scheduler polls)
+_WAKE = object()              # put in the frame queue to wake the worker for a label/command
+CRASH_ID_GAP = 1_000_000      # window ids skipped after an unclean stop (see Daemon.__init__)
+HISTORY_SAVE_S = 10.0         # the window history is saved this often when it changed
+MAX_CONTROL = 4096            # queued labels/commands (QoS 1 ones are bounded by the broker)
+CONTROL_PER_LOOP = 32         # labels/commands handled per worker iteration (frames go on)
 
 
 class Daemon:
-    def __init__(self, config: DaemonConfig):
+    def __init__(self, config: AgentConfig, *, env=os.environ):
         self.config = config
         self.bundle: Bundle = load_bundle(config.bundle, public_keys=config.public_keys or None)
         if self.bundle.signed_by:
             log.info("bundle %s: signature verified (key %s)", self.bundle.bundle_id,
                      self.bundle.signed_by)
-        # A split bundle (encoder.onnx + head.npz) gets the full learner: the head fused with
-        # the episodic memory. An older whole-model bundle only predicts.
-        self.learner = None
-        self.classifier = None
+        self.registry = Registry()
+        self.metrics = daemon_metrics(self.registry)
+        fresh = config.state_dir is None or not config.state_dir.is_dir() \
+            or not any(config.state_dir.iterdir())      # before the learners write there
+        # A split bundle (encoder.onnx + head.npz) gets the full learner; an older
+        # whole-model bundle only predicts.
+        self.encoder: Encoder | None = None
+        self.classifier: Classifier | None = None
+        self._shared: Learner | None = None
+        self._per_device: dict[str, Learner] = {}
+        self._learner_cfg = LearnerConfig(threads=config.threads)
         if "encoder" in self.bundle.manifest:
-            self.learner = Learner(self.bundle, LearnerConfig(threads=config.threads),
-                                   state_dir=config.state_dir)
+            self.encoder = Encoder(self.bundle, threads=config.threads)
+            if config.learner_mode == "shared" or config.device_id != WILDCARD_DEVICE:
+                self._shared = Learner(self.bundle, self._learner_cfg,
+                                       state_dir=config.state_dir, encoder=self.encoder)
         else:
             self.classifier = Classifier(self.bundle, threads=config.threads)
         spec = self.bundle.input
-        hop = config.hop_samples or spec.window_samples
-        self.windows = DeviceWindows(spec.n_channels, spec.window_samples, hop)
+        ing = config.ingest
+        self.windows = DeviceWindows(spec.n_channels, spec.window_samples,
+                                     ing.hop or spec.window_samples,
+                                     max_devices=ing.max_devices,
+                                     reorder_frames=ing.reorder_frames)
+        dim = self.encoder.latent_dim if self.encoder is not None else 1
+        self._history_path = (config.state_dir / HISTORY_FILE) if config.state_dir else None
+        self.history = (WindowHistory.load(self._history_path, self.bundle.bundle_id,
+                                           ing.history_windows, dim)
+                        if self._history_path else WindowHistory(ing.history_windows, dim))
+        # Window ids never repeat across restarts: labels name windows by id. After a crash
+        # the ids handed out since the last history save are unknown, so skip past them.
+        crashed = not fresh and not (self.history.clean and self._history_path.exists())
+        gap = CRASH_ID_GAP if crashed else 0
+        if crashed:
+            log.warning("the last run did not stop cleanly: window ids continue %d higher "
+                        "(labels for windows after the last history save are unknown)", gap)
+        self.windows.default_start = gap
+        for device in self.history.devices():
+            self.windows.set_start_index(device, self.history.last_index(device) + 1 + gap)
         self.topics = Topics(config.device_id, config.prefix)
-        self.status_topic = Topics(config.status_owner, config.prefix).status
-        self.counters = Counters()
-        self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size)
+        self.own_topics = Topics(config.status_owner, config.prefix)
+        self.scheduler = SleepScheduler(config.sleep)
+        self.sleeper = Sleeper(self)
+        self.sleep_budget_override: float | None = None
+        self.notifier = SystemdNotifier(env)
+        self._frames: queue.Queue = queue.Queue(maxsize=ing.queue_size)
+        self._control: deque[Inbound] = deque()
         self._stop = threading.Event()
+        self._closed = threading.Event()           # ingest closed: drop what still arrives
         self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._sub_mid = -1
+        self._gen = 0
+        self._lock = threading.Lock()
+        self._status_dirty = threading.Event()
+        self.worker = Worker(self)
         self._worker = threading.Thread(target=self._work, name="reverie-worker", daemon=True)
-        self._client = make_client(config.broker, client_id=config.client_id,
-                                   protocol=config.protocol)
-        self._client.will_set(self.status_topic, encode_status(state="offline"), qos=1, retain=True)
-        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        persistent = config.broker.session_expiry_s > 0
+        self._client = make_client(config.broker.url, client_id=config.client_id,
+                                   protocol=config.broker.protocol, clean_start=not persistent,
+                                   tls=config.broker.tls, manual_ack=True)
+        self._client.will_set(self.own_topics.status, encode_status(state="offline",
+                              agent=config.status_owner), qos=1, retain=True)
+        self._client.reconnect_delay_set(min_delay=max(1, round(config.broker.reconnect_min_s)),
+                                         max_delay=max(1, round(config.broker.reconnect_max_s)))
+        self._client.max_queued_messages_set(config.broker.outbox_max)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
+        self._client.suppress_exceptions = True   # a callback bug must not kill the network thread
+        self.outbox = Outbox(self._client, config.broker.outbox_max,
+                             on_drop=self.metrics.outbox_dropped.inc)
+        self._metrics_server = (MetricsServer(self.registry, config.metrics_listen)
+                                if config.metrics_listen else None)
+        self.metrics.memory_capacity.set(self._learner_cfg.capacity)
         self._last_health = 0.0
+        self._last_poll = 0.0
+        self._last_history_save = time.monotonic()
+        self._stopping = False
+        self._connects = 0
+        self.started_at = time.time()
 
-    # --- lifecycle ----------------------------------------------------------
+    # ------------------------------------------------------------------ learners
+
+    def learner_for(self, device: str) -> Learner | None:
+        """The learner serving `device` (None for a predict-only bundle)."""
+        if self.encoder is None:
+            return None
+        if self._shared is not None:
+            return self._shared
+        learner = self._per_device.get(device)
+        if learner is None:
+            if len(self._per_device) >= self.config.ingest.max_devices:
+                raise OverflowError(f"more than ingest.max_devices="
+                                    f"{self.config.ingest.max_devices} devices")
+            state = (self.config.state_dir / "devices" / device) if self.config.state_dir else None
+            learner = Learner(self.bundle, self._learner_cfg, state_dir=state,
+                              encoder=self.encoder)
+            self._per_device[device] = learner
+            self.status_changed()
+        return learner
+
+    def learners(self) -> list[tuple[str, Learner]]:
+        if self._shared is not None:
+            return [(self.config.status_owner, self._shared)]
+        return list(self._per_device.items())
+
+    def classify(self, x: np.ndarray) -> list[tuple]:
+        probs = self.classifier.predict_proba(x)
+        classes = self.bundle.classes
+        return [(classes[int(np.argmax(p))], float(p.max()),
+                 dict(zip(classes, p.tolist(), strict=True)), {}) for p in probs]
+
+    def checkpoint_all(self) -> dict[str, int | None]:
+        out = {device: learner.checkpoint() for device, learner in self.learners()}
+        self._save_history()
+        return out
+
+    def _save_history(self, clean: bool = False) -> None:
+        if self._history_path is not None and self.encoder is not None:
+            try:
+                self.history.save(self._history_path, self.bundle.bundle_id, clean=clean)
+            except (OSError, ValueError) as exc:
+                log.warning("cannot save the window history: %s", exc)
+
+    # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
         c = self.config.broker
-        log.info("connecting to %s as %s (bundle %s, classes %s)", c, self.status_topic,
-                 self.bundle.bundle_id, ",".join(self.bundle.classes))
+        log.info("connecting to %s as %s (client id %s, bundle %s, classes %s)", c.url,
+                 self.own_topics.status, self.config.client_id, self.bundle.bundle_id,
+                 ",".join(self.bundle.classes))
+        if self._metrics_server is not None:
+            self._metrics_server.start()
+            log.info("metrics on http://%s:%d/metrics", *self._metrics_server.address)
         self._worker.start()
-        self._client.connect_async(c.host, c.port, keepalive=self.config.keepalive_s)
+        props = connect_properties(c.protocol, c.session_expiry_s)
+        if c.protocol == "5":
+            if props is None:
+                from paho.mqtt.packettypes import PacketTypes
+                from paho.mqtt.properties import Properties
+
+                props = Properties(PacketTypes.CONNECT)
+            props.ReceiveMaximum = RECEIVE_MAXIMUM
+        kw = {"clean_start": c.session_expiry_s <= 0, "properties": props} \
+            if c.protocol == "5" else {}
+        self._client.connect_async(c.url.host, c.url.port, keepalive=c.keepalive_s, **kw)
         self._client.loop_start()
+        self.notifier.ready(f"serving {self.topics.frames}")
 
     def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
+        """Wait until connected and subscribed (SUBACK received)."""
+        return self._subscribed.wait(timeout)
 
     def stop(self, drain_timeout_s: float = 3.0) -> None:
-        """Stop ingest, drain the queue, publish "offline", disconnect."""
+        """Stop ingest, drain, preempt sleep, checkpoint, publish "offline", disconnect."""
         if self._stop.is_set():
             return
-        try:
+        t0 = time.monotonic()
+        self._stopping = True
+        self.notifier.stopping()
+        try:   # frames only: label/cmd subscriptions stay in the persistent session
             self._client.unsubscribe(self.topics.frames)
         except Exception:  # noqa: BLE001 - best effort while shutting down
             pass
-        deadline = time.monotonic() + drain_timeout_s
-        while not self._queue.empty() and time.monotonic() < deadline:
+        self.sleeper.preempt()
+        deadline = t0 + drain_timeout_s
+        while (not self._frames.empty() or self._control) and time.monotonic() < deadline:
             time.sleep(0.01)
+        self._closed.set()
         self._stop.set()
         self._worker.join(timeout=max(0.1, deadline - time.monotonic()) + 1.0)
+        self.sleeper.preempt()
+        self.sleeper.join(timeout=2.0)
+        busy = self._worker.is_alive() or self.sleeper.sleeping
+        if not self._worker.is_alive():
+            self._save_history(clean=True)      # first: it is what keeps window ids unique
+        try:
+            for _device, learner in self.learners():
+                learner.checkpoint()
+        except Exception:  # noqa: BLE001 - still publish offline and disconnect
+            log.exception("final checkpoint failed")
         if self._connected.is_set():
-            info = self._client.publish(self.status_topic, self._status("offline"), qos=1,
-                                        retain=True)
+            info = self._client.publish(self.own_topics.status, self.status_body_bytes("offline"),
+                                        qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout=2.0)
             except (RuntimeError, ValueError):
                 pass
         self._client.disconnect()
         self._client.loop_stop()
-        if self.learner is not None:
-            try:
-                self.learner.checkpoint()
-            finally:
-                self.learner.close()
+        if not busy:       # a thread still inside a learner: leave the files to the OS
+            for _device, learner in self.learners():
+                learner.close()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
         self._write_health(force=True, state="stopped")
-        log.info("stopped: %s", self.counters.as_dict())
+        log.info("stopped in %.2f s: %s", time.monotonic() - t0, self.counters())
 
     def run_forever(self) -> int:
         """Run until SIGTERM or SIGINT; return the exit code."""
@@ -196,129 +283,235 @@ class Daemon:
         signal.signal(signal.SIGTERM, _handler)
         signal.signal(signal.SIGINT, _handler)
         self.start()
-        while not stop.wait(0.5):
-            pass
+        self._last_ck = self._last_status = time.monotonic()
+        while not stop.wait(0.25):
+            try:
+                self._tick()
+            except Exception:  # noqa: BLE001 - the main loop must survive; stop() must run
+                log.exception("main loop")
         self.stop()
         return 0
 
-    # --- paho callbacks (network thread: never block) -------------------------
+    def _tick(self) -> None:
+        """The main thread's periodic duties (every 0.25 s)."""
+        now = time.monotonic()
+        if now - self.worker.last_beat < 10.0:     # the worker is alive and looping
+            self.notifier.watchdog()
+        self._write_health()
+        self._update_gauges()
+        if self._connected.is_set() and (self._status_dirty.is_set()
+                                         or now - self._last_status >= STATUS_INTERVAL_S):
+            self._last_status = now
+            self._status_dirty.clear()
+            self._client.publish(self.own_topics.status, self.status_body_bytes("online"),
+                                 qos=1, retain=True)
+        self.outbox.flush()
+        if now - self._last_ck >= self.config.checkpoint_interval_s:
+            self._last_ck = now
+            for _device, learner in self.learners():
+                try:
+                    learner.checkpoint()
+                except Exception:  # noqa: BLE001 - keep serving; the WAL still holds it all
+                    log.exception("periodic checkpoint failed")
 
-    def _on_connect(self, client, _userdata, _flags, reason_code, _props) -> None:
+    # ------------------------------------------------------------------ paho callbacks
+
+    def _on_connect(self, client, _userdata, flags, reason_code, _props) -> None:
         if reason_code.is_failure:
             log.warning("connection refused by broker: %s", reason_code)
             return
-        client.subscribe(self.topics.frames, qos=0)
-        client.publish(self.status_topic, self._status("online"), qos=1, retain=True)
+        with self._lock:
+            self._gen += 1
+        self._connects += 1
+        if self._connects > 1:
+            self.metrics.reconnects.inc()
+        t = self.topics
+        _rc, self._sub_mid = client.subscribe([(t.frames, 0), (t.labels, 1), (t.cmd, 1)])
         self._connected.set()
-        log.info("connected; subscribed to %s", self.topics.frames)
+        self.metrics.connected.set(1)
+        self.outbox.set_online()
+        self._status_dirty.set()      # the main loop publishes "online" and flushes
+        log.info("connected (session present: %s); subscribed to %s, %s, %s",
+                 getattr(flags, "session_present", None), t.frames, t.labels, t.cmd)
+
+    def _on_subscribe(self, _client, _userdata, mid, reason_codes, _props) -> None:
+        if mid != self._sub_mid:
+            return
+        bad = [str(rc) for rc in reason_codes if rc.is_failure]
+        if bad:
+            log.error("the broker refused subscriptions (%s): check its ACL for %s",
+                      ", ".join(bad), self.topics.frames)
+        self._subscribed.set()
 
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
         self._connected.clear()
+        self._subscribed.clear()
+        self.metrics.connected.set(0)
+        self.outbox.set_offline()
         if not self._stop.is_set():
             log.warning("disconnected (%s); reconnecting", reason_code)
 
     def _on_message(self, _client, _userdata, msg) -> None:
-        self.counters.received += 1
         try:
-            self._queue.put_nowait((msg.topic, msg.payload, time.monotonic()))
-        except queue.Full:
-            self.counters.dropped["queue_full"] += 1
+            device, kind = self.topics.parse(msg.topic)
+        except ValueError as exc:
+            self.metrics.dropped.inc(reason="bad_topic")
+            log.warning("%s", exc)
+            self.ack_now(msg.mid, msg.qos)
+            return
+        self.metrics.messages_received.inc(kind=kind)
+        if self._closed.is_set():           # shutting down: a label stays unacked, redelivered
+            return
+        item = Inbound(kind, device, msg.topic, msg.payload, time.monotonic(), msg.mid,
+                       msg.qos, self._gen, getattr(msg, "properties", None))
+        if kind == "frames":
+            try:
+                self._frames.put_nowait(item)
+            except queue.Full:
+                self.metrics.dropped.inc(reason="queue_full")
+                self.ack_now(msg.mid, msg.qos)
+                return
+        elif kind in ("labels", "cmd"):
+            if msg.qos == 0 and len(self._control) >= MAX_CONTROL:
+                self.metrics.dropped.inc(reason="control_queue_full")
+                return
+            self._control.append(item)
+            try:                             # wake the worker (full: it is busy anyway)
+                self._frames.put_nowait(_WAKE)
+            except queue.Full:
+                pass
+        else:                                # one of our own outbound kinds: ignore
+            self.ack_now(msg.mid, msg.qos)
 
-    # --- worker ---------------------------------------------------------------
+    def ack_now(self, mid: int, qos: int) -> None:
+        if qos == 1:
+            self._client.ack(mid, qos)
+
+    def ack(self, msg: Inbound) -> None:
+        """PUBACK a QoS 1 message, on the connection it arrived on only (after a reconnect
+        the broker redelivers it under a new packet id; the label key deduplicates)."""
+        if msg.qos != 1:
+            return
+        with self._lock:
+            if msg.gen != self._gen or not self._connected.is_set():
+                return
+        self._client.ack(msg.mid, msg.qos)
+
+    # ------------------------------------------------------------------ worker loop
 
     def _work(self) -> None:
+        w = self.worker
+        max_batch = self.config.ingest.max_batch
         while not self._stop.is_set():
+            w.last_beat = time.monotonic()
+            batch: list[Inbound] = []
+            idle_wait = 0.02 if (w.pending or self._control) else IDLE_WAIT_S
             try:
-                item = self._queue.get(timeout=0.2)
+                batch.append(self._frames.get(timeout=idle_wait))
             except queue.Empty:
-                self._write_health()
-                continue
-            batch = [item]
-            while len(batch) < self.config.max_batch:
+                pass
+            while batch and len(batch) < max_batch:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    batch.append(self._frames.get_nowait())
                 except queue.Empty:
                     break
-            try:
-                self._process(batch)
-            except Exception:  # noqa: BLE001 - the worker must survive any message
-                log.exception("unexpected error while processing a batch")
-                self.counters.dropped["internal_error"] += len(batch)
-            self._write_health()
+            batch = [b for b in batch if b is not _WAKE]
+            self._guard(w.process_frames, batch)
+            for _ in range(min(len(self._control), CONTROL_PER_LOOP)):
+                item = self._control.popleft()
+                if not self._guard(w.process_label if item.kind == "labels"
+                                   else w.process_command, item):
+                    # a bug, not the message's fault: report it and do not let the broker
+                    # redeliver it forever (it would fill the in-flight window)
+                    w.reject(item, "internal_error", f"{item.kind} message could not be "
+                             "handled (a bug: see the agent's log)")
+                    self.ack(item)
+            if w.pending:
+                self._guard(w.retry_pending)
+            self._guard(self._poll_sleep)
+            self._guard(self._save_history_if_due)
+            self.metrics.queue_depth.set(self._frames.qsize())
 
-    def _process(self, batch: list[tuple[str, bytes, float]]) -> None:
-        pending = []  # (device, window, arrival)
-        for topic, payload, arrival in batch:
-            try:
-                device, _kind = self.topics.parse(topic)
-            except ValueError as exc:
-                self.counters.dropped["bad_topic"] += 1
-                log.warning("%s", exc)
-                continue
-            try:
-                frame = decode_frame(payload, max_bytes=self.config.max_payload_bytes)
-                wb = self.windows.get(device)
-                if frame.n_channels != wb.n_channels:
-                    raise ProtocolError(
-                        "bad_channels", f"frame seq={frame.seq} has {frame.n_channels} channels, "
-                        f"the model expects {wb.n_channels}")
-                if frame.n_samples > 4096:
-                    raise ProtocolError("bad_shape", f"frame of {frame.n_samples} samples")
-            except ProtocolError as exc:
-                self._reject(device, topic, exc.reason, str(exc))
-                continue
-            except OverflowError as exc:
-                self._reject(device, topic, "too_many_devices", str(exc))
-                continue
-            self.counters.frames += 1
-            for w in wb.push(frame.seq, frame.ts, frame.values):
-                pending.append((device, w, arrival))
-        if not pending:
-            return
-        shape = self.bundle.input.shape
-        x = np.stack([w.values.reshape(shape) for _, w, _ in pending])  # (B, *shape)
-        self.counters.windows += len(pending)
-        if self.learner is not None:
-            preds = [(p.label, p.confidence, p.prob_dict(), {"decided_by": p.decided_by,
-                      "novelty": p.novelty, "novelty_score": round(p.novelty_score, 6)})
-                     for p in self.learner.predict_many(x)]
-        else:
-            probs = self.classifier.predict_proba(x)                    # (B, K)
-            classes = self.bundle.classes
-            preds = [(classes[int(np.argmax(p))], float(p.max()),
-                      dict(zip(classes, p.tolist(), strict=True)), {}) for p in probs]
+    def _guard(self, fn, *args) -> bool:
+        try:
+            fn(*args)
+            return True
+        except Exception:  # noqa: BLE001 - the worker must survive any message
+            log.exception("unexpected error in %s", getattr(fn, "__name__", fn))
+            self.metrics.dropped.inc(reason="internal_error")
+            return False
+
+    def _save_history_if_due(self) -> None:
         now = time.monotonic()
-        for (device, w, arrival), (label, conf, probs, extra) in zip(pending, preds, strict=True):
-            topics = self.topics.for_device(device)
-            payload = encode_prediction(
-                device=device, window=w.index, seq_first=w.seq_first, seq_last=w.seq_last,
-                ts=w.ts, label=label, confidence=conf, probs=probs,
-                latency_ms=(now - arrival) * 1e3, model=self.bundle.bundle_id, **extra)
-            self._client.publish(topics.predictions, payload, qos=0)
-            self.counters.predictions += 1
-            if extra.get("novelty"):
-                self.counters.novelty += 1
-                self._client.publish(topics.events, encode_event(
-                    device=device, type="novelty", reason="far_from_memory",
-                    detail=f"window {w.index}: cosine distance {extra['novelty_score']:.3f} to "
-                    "the nearest stored episode", ts=time.time(), window=w.index,
-                    score=extra["novelty_score"]), qos=0)
+        if self.history.dirty and now - self._last_history_save >= HISTORY_SAVE_S:
+            self._last_history_save = now
+            self._save_history()
 
-    def _reject(self, device: str, topic: str, reason: str, detail: str) -> None:
-        self.counters.dropped[reason] += 1
-        log.warning("rejected message on %s: %s", topic, detail)
-        self._client.publish(
-            self.topics.for_device(device).events,
-            encode_event(device=device, type="error", reason=reason, detail=detail,
-                         ts=time.time(), topic=topic), qos=0)
+    def _poll_sleep(self) -> None:
+        now = time.monotonic()
+        if self.encoder is None or self._stopping or now - self._last_poll < 0.2:
+            return
+        self._last_poll = now
+        sleeping = self.sleeper.sleeping
+        decision = self.scheduler.poll(sleeping=sleeping,
+                                       new_episodes=self.sleeper.new_episodes())
+        if decision.action == "start" and not sleeping:
+            budget = self.sleep_budget_override or self.config.sleep.budget_s
+            self.sleep_budget_override = None
+            self.scheduler.sleep_started(decision.reason)
+            self.sleeper.start(decision.reason, budget)
+        elif decision.action == "stop" and sleeping:
+            log.info("sleep preempted: %s", decision.reason)
+            self.sleeper.preempt()
 
-    # --- status and health --------------------------------------------------------
+    # ------------------------------------------------------------------ status, events
 
-    def _status(self, state: str) -> bytes:
-        return encode_status(
-            state=state, agent=self.config.status_owner, version=__version__,
-            model=self.bundle.bundle_id, classes=list(self.bundle.classes), ts=time.time(),
-            counters=self.counters.as_dict())
+    def publish_event(self, device: str, *, type: str, reason: str, detail: str, **extra) -> None:
+        self.outbox.publish(self.topics.for_device(device).events, encode_event(
+            device=device, type=type, reason=reason, detail=detail, ts=time.time(), **extra))
+
+    def status_changed(self) -> None:
+        self._status_dirty.set()
+
+    def counters(self) -> dict:
+        m = self.metrics
+        totals = self.windows.totals()
+        return {"frames": int(m.frames.value()), "windows": int(m.windows.value()),
+                "predictions": int(m.predictions.value()), "novelty": int(m.novelty.value()),
+                "labels_learned": int(m.labels_learned.value()),
+                "labels_duplicate": int(m.labels_duplicate.value()),
+                "dropped": {k: int(v) for k, v in _by_label(m.dropped, "reason").items()},
+                "sequence": totals, "outbox_dropped": int(m.outbox_dropped.value())}
+
+    def status_body(self, state: str) -> dict:
+        learners = self.learners()
+        body = {"state": state, "agent": self.config.status_owner, "version": __version__,
+                "model": self.bundle.bundle_id, "ts": time.time(),
+                "uptime_s": round(time.time() - self.started_at, 1),
+                "devices": len(self.windows.buffers), "sleeping": self.sleeper.sleeping,
+                "counters": self.counters()}
+        if learners:
+            first = learners[0][1]
+            body.update(classes=list(first.classes),
+                        adapter_version=first.adapted_head.version,
+                        memory={"episodes": sum(len(L.memory) for _d, L in learners),
+                                "capacity": first.config.capacity, "learners": len(learners)})
+        else:
+            body.update(classes=list(self.bundle.classes), adapter_version=None)
+        return body
+
+    def status_body_bytes(self, state: str) -> bytes:
+        body = self.status_body(state)
+        return encode_status(**{**body, "state": state})
+
+    def _update_gauges(self) -> None:
+        m, learners = self.metrics, self.learners()
+        m.memory_episodes.set(sum(len(L.memory) for _d, L in learners))
+        m.classes.set(max((len(L.classes) for _d, L in learners),
+                          default=len(self.bundle.classes)))
+        m.adapter_version.set(max((L.adapted_head.version for _d, L in learners), default=0))
+        m.devices.set(len(self.windows.buffers))
+        m.outbox_depth.set(len(self.outbox))
 
     def _write_health(self, force: bool = False, state: str = "running") -> None:
         path = self.config.health_file
@@ -326,13 +519,32 @@ class Daemon:
         if path is None or (not force and now - self._last_health < self.config.health_interval_s):
             return
         self._last_health = now
-        body = {"ts": now, "pid": os.getpid(), "state": state,
-                "connected": self._connected.is_set(), "counters": self.counters.as_dict()}
+        stalled = time.monotonic() - self.worker.last_beat > 10.0
+        body = {"ts": now, "pid": os.getpid(), "state": "stalled" if stalled and
+                state == "running" else state, "connected": self._connected.is_set(),
+                "sleeping": self.sleeper.sleeping, "counters": self.counters()}
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".health-")
         with os.fdopen(fd, "w") as f:
             json.dump(body, f)
         os.replace(tmp, path)
+
+
+def _by_label(counter, name: str) -> dict[str, float]:
+    """Every labelled value of a metrics Counter: {label value: count}."""
+    with counter._lock:
+        items = list(counter._values.items())
+    return {str(k[0]): v for k, v in items if k}
+
+
+def run_daemon(config: AgentConfig) -> int:
+    """`reverie run`: build the daemon from a validated config and serve until SIGTERM."""
+    if config.state_dir is not None:
+        try:
+            config.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"agent.state_dir={str(config.state_dir)!r}: {exc}") from None
+    return Daemon(config).run_forever()
 
 
 def check_health(path: Path, max_age_s: float) -> tuple[bool, str]:

@@ -7,8 +7,11 @@ Broker URLs: ``mqtt://[user[:password]@]host[:port]`` (default port 1883) and
 from __future__ import annotations
 
 import ssl
+import threading
+import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from agent.errors import ConfigError
@@ -56,9 +59,63 @@ class BrokerURL:
         return f"{scheme}://{user}{self.host}:{self.port}"
 
 
+@dataclass(frozen=True)
+class TLSConfig:
+    """TLS settings for an ``mqtts://`` broker.
+
+    ``ca_file``: CA certificate(s) that signed the broker's certificate (None: the system's
+    CAs). ``cert_file`` + ``key_file``: the client's own certificate for mutual TLS.
+    ``insecure``: skip the host-name check (a broker reached by an IP its certificate does
+    not name); the chain is still verified.
+    """
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("ca_file", "cert_file", "key_file"):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, Path(v))
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("broker.cert_file and broker.key_file: give both (mutual TLS) "
+                              "or neither")
+
+    def check_files(self) -> None:
+        """ConfigError naming the key whose file is missing or unreadable."""
+        for name in ("ca_file", "cert_file", "key_file"):
+            v = getattr(self, name)
+            if v is not None and not v.is_file():
+                raise ConfigError(f"broker.{name}={str(v)!r}: no such file")
+
+    def context(self) -> ssl.SSLContext:
+        self.check_files()
+        try:
+            ctx = ssl.create_default_context(
+                cafile=str(self.ca_file) if self.ca_file else None)
+            if self.cert_file is not None:
+                ctx.load_cert_chain(str(self.cert_file), str(self.key_file))
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"broker TLS files (ca_file={self.ca_file}, cert_file="
+                              f"{self.cert_file}, key_file={self.key_file}): {exc}") from None
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.insecure:
+            ctx.check_hostname = False
+        return ctx
+
+
 def make_client(url: BrokerURL, *, client_id: str | None = None, protocol: str = "5",
-                clean_start: bool = True):
-    """A paho-mqtt 2.x client (callback API v2) configured for `url`; not yet connected."""
+                clean_start: bool = True, tls: TLSConfig | None = None,
+                manual_ack: bool = False):
+    """A paho-mqtt 2.x client (callback API v2) configured for `url`; not yet connected.
+
+    ``clean_start=False`` with MQTT 3.1.1 asks for a persistent session (clean session
+    off); with MQTT 5 the session is chosen at connect time (see `connect_properties`).
+    ``manual_ack``: QoS 1 messages are acknowledged only when the caller calls
+    ``client.ack(mid, qos)``.
+    """
     import paho.mqtt.client as mqtt
 
     proto = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311, "311": mqtt.MQTTv311}.get(str(protocol))
@@ -66,9 +123,96 @@ def make_client(url: BrokerURL, *, client_id: str | None = None, protocol: str =
         raise ConfigError(f"Invalid MQTT protocol: {protocol!r} (expected '5' or '3.1.1')")
     cid = client_id or f"reverie-{uuid.uuid4().hex[:12]}"
     kwargs = {} if proto == mqtt.MQTTv5 else {"clean_session": clean_start}
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=proto, **kwargs)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=proto,
+                         manual_ack=manual_ack, **kwargs)
     if url.username:
         client.username_pw_set(url.username, url.password)
     if url.tls:
-        client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        client.tls_set_context((tls or TLSConfig()).context())
+    elif tls is not None and (tls.ca_file or tls.cert_file):
+        raise ConfigError(f"broker.url={str(url)!r} is plain MQTT but TLS files are set: "
+                          "use mqtts://")
     return client
+
+
+def connect_properties(protocol: str, session_expiry_s: int | None):
+    """CONNECT properties for MQTT 5 (session expiry), None for 3.1.1."""
+    if str(protocol) != "5" or not session_expiry_s:
+        return None
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = int(session_expiry_s)
+    return props
+
+
+def connect_and_wait(client, url: BrokerURL, *, timeout_s: float = 10.0, keepalive: int = 30,
+                     clean_start: bool | int = True, properties=None) -> None:
+    """Connect, start the network loop and wait for a successful CONNACK.
+
+    Raises BrokerError naming the broker on a refused CONNACK, a connection dropped
+    before CONNACK (e.g. a TLS 1.3 broker rejecting the client certificate after the
+    handshake: the reason paho logged is quoted) or a timeout. The client's own
+    ``on_connect`` (if any) still runs.
+    """
+    from agent.errors import BrokerError
+
+    done = threading.Event()
+    result: dict = {}
+    saved = (client.on_connect, client.on_disconnect, client.on_connect_fail, client.on_log)
+
+    def _on_connect(c, userdata, flags, reason_code, props):
+        result["rc"] = reason_code
+        done.set()
+        if saved[0] is not None:
+            saved[0](c, userdata, flags, reason_code, props)
+
+    def _on_disconnect(c, userdata, flags, reason_code, props):
+        result.setdefault("dropped", f"connection closed before CONNACK ({reason_code})")
+        done.set()
+
+    def _on_connect_fail(c, userdata):
+        result.setdefault("dropped", "connection failed")
+        done.set()
+
+    def _on_log(c, userdata, level, buf):
+        if "error" in buf.lower() or "ssl" in buf.lower():
+            result["log"] = buf
+        if saved[3] is not None:
+            saved[3](c, userdata, level, buf)
+
+    def _restore():
+        client.on_connect, client.on_disconnect, client.on_connect_fail, client.on_log = saved
+
+    client.on_connect, client.on_disconnect = _on_connect, _on_disconnect
+    client.on_connect_fail, client.on_log = _on_connect_fail, _on_log
+    try:
+        kw = {}
+        if client.protocol == 5:
+            kw = {"clean_start": clean_start, "properties": properties}
+        client.connect(url.host, url.port, keepalive=keepalive, **kw)
+    except (OSError, ValueError) as exc:
+        _restore()
+        raise BrokerError(f"cannot connect to {url}: {exc}") from None
+    client.loop_start()
+    ok = done.wait(timeout_s)
+    if ok and "rc" not in result:          # dropped before CONNACK: give paho a moment to log why
+        time.sleep(0.05)
+    _restore()
+    if not ok or "rc" not in result:
+        client.disconnect()
+        client.loop_stop()
+        why = result.get("dropped", f"no CONNACK within {timeout_s:g} s")
+        if "log" in result:
+            why += f": {result['log']}"
+        if url.tls and "dropped" in result:
+            why += (" (a TLS broker that closes the connection right after the handshake "
+                    "usually refused the client certificate: check broker.cert_file and "
+                    "broker.key_file, and that the broker trusts their CA)")
+        raise BrokerError(f"broker {url}: {why}")
+    rc = result["rc"]
+    if rc.is_failure:
+        client.disconnect()
+        client.loop_stop()
+        raise BrokerError(f"broker {url} refused the connection: {rc}")

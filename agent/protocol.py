@@ -85,9 +85,17 @@ def _check_values(values: np.ndarray, where: str) -> np.ndarray:
 def _check_seq_ts(seq: object, ts: object) -> tuple[int, float]:
     if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= _MAX_SEQ:
         raise ProtocolError("bad_seq", f"seq={seq!r}, expected an integer in 0..2**64-1")
-    if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
-        raise ProtocolError("bad_ts", f"ts={ts!r}, expected a finite number (epoch seconds)")
+    if isinstance(ts, bool) or not isinstance(ts, int | float) or not finite_number(ts):
+        shown = str(ts)[:40] if isinstance(ts, int) else repr(ts)[:60]
+        raise ProtocolError("bad_ts", f"ts={shown}, expected a finite number (epoch seconds)")
     return seq, float(ts)
+
+
+def finite_number(v: int | float) -> bool:
+    """A finite float, or an int a float can hold (JSON integers have no size limit)."""
+    if isinstance(v, int):
+        return abs(v) <= 2**1000
+    return math.isfinite(v)
 
 
 def encode_frame_json(seq: int, ts: float, values: np.ndarray) -> bytes:
@@ -179,9 +187,18 @@ def _decode_json(payload: bytes) -> Frame:
         for j, v in enumerate(r):
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise ProtocolError("bad_value", f"values[{i}][{j}]={v!r} is not a number")
-    with np.errstate(over="ignore"):
-        values = np.asarray(rows, dtype=np.float64).astype(np.float32)
-    return Frame(seq, ts, _check_values(values, "frame"))
+    return Frame(seq, ts, _check_values(as_float32(rows, "frame"), "frame"))
+
+
+def as_float32(rows: list, where: str) -> np.ndarray:
+    """Validated JSON rows of numbers -> float32; too-large values become Inf (rejected by
+    `_check_values`), integers too large even for float64 a ProtocolError."""
+    try:
+        with np.errstate(over="ignore"):
+            return np.asarray(rows, dtype=np.float64).astype(np.float32)
+    except OverflowError:
+        raise ProtocolError("non_finite", f"{where}: a value is too large for a float "
+                            "(NaN/Inf are rejected)") from None
 
 
 # --- outbound payloads ------------------------------------------------------

@@ -8,6 +8,7 @@ Per device, under a configurable prefix (default ``reverie/v1``)::
     {prefix}/{device}/predictions  out  one message per window
     {prefix}/{device}/events       out  errors with reasons, novelty, sleep reports
     {prefix}/{device}/status       out  retained; "offline" as last will
+    {prefix}/{device}/replies      out  replies to commands (MQTT 5: or the response topic)
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ _DEVICE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _PREFIX_RE = re.compile(r"^[^#+\x00]+$")
 
 INBOUND = ("frames", "labels", "cmd")
-OUTBOUND = ("predictions", "events", "status")
+OUTBOUND = ("predictions", "events", "status", "replies")
 
 
 def validate_device_id(device: str, *, allow_wildcard: bool = False) -> str:
     """Return `device` if it is a valid device id (letters, digits, ``_.:-``; 1-64 chars)."""
     if allow_wildcard and device == WILDCARD_DEVICE:
         return device
-    if not isinstance(device, str) or not _DEVICE_RE.match(device):
+    if not isinstance(device, str) or not _DEVICE_RE.match(device) or device in (".", ".."):
         raise ValueError(
             f"Invalid device id: {device!r} (expected 1-64 characters from [A-Za-z0-9_.:-])"
         )
@@ -82,6 +83,10 @@ class Topics:
     @property
     def status(self) -> str:
         return self._t("status")
+
+    @property
+    def replies(self) -> str:
+        return self._t("replies")
 
     def for_device(self, device: str) -> Topics:
         """The same prefix, another (concrete) device."""

@@ -37,6 +37,8 @@ from agent.bundle import Bundle, load_bundle
 from agent.dataset import load_dataset
 from agent.errors import DatasetError
 from agent.head import Head
+from agent.learner.state import CLASS_STATS
+from agent.memory.schema import check_stats
 from export.errors import VerifyError
 from export.sae import SAE_FILE, check_sae_arrays
 from export.train import deterministic_torch
@@ -45,6 +47,7 @@ from export.weights import HEAD, WEIGHTS, model_from_manifest
 MODEL = "model.onnx"
 ENCODER = "encoder.onnx"
 EXEMPLARS = "exemplars.npz"
+STATS_MEAN_TOL = 1e-5        # latent_mean is float32: its rounding, with room
 
 TOLERANCE = 1e-4
 # int8 vs torch fp32: the share of inputs whose argmax agrees. On data rows of the bundle's
@@ -253,6 +256,7 @@ def _check_exemplars(bundle: Bundle) -> str:
     try:
         with np.load(path, allow_pickle=False) as npz:
             lat, lab, mean = npz["latents"], npz["labels"], npz["latent_mean"]
+            stats = {name: npz[name] for name in CLASS_STATS if name in npz.files}
     except (KeyError, OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise VerifyError(f"{path}: not a readable exemplars file ({exc})") from None
     if lat.dtype != np.float32 or lat.ndim != 2 or lat.shape[1] != d \
@@ -263,7 +267,48 @@ def _check_exemplars(bundle: Bundle) -> str:
                           f"{lab.dtype}{list(lab.shape)}, {list(mean.shape)}")
     if lab.size and (lab.min() < 0 or lab.max() >= k):
         raise VerifyError(f"{path}: labels outside [0, {k})")
-    return f"{EXEMPLARS}: {len(lat)} latents of {len(np.unique(lab))} classes"
+    line = f"{EXEMPLARS}: {len(lat)} latents of {len(np.unique(lab))} classes"
+    section = bundle.manifest.get("exemplars") or {}
+    if not stats and not section.get("class_statistics"):
+        return line + " (no class statistics: a bundle from before them)"
+    return line + "; " + _check_class_stats(path, stats, lab, mean, k, d,
+                                            section.get("n_statistics"))
+
+
+def _check_class_stats(path: Path, stats: dict[str, np.ndarray], labels: np.ndarray,
+                       latent_mean: np.ndarray, k: int, d: int, n: int | None) -> str:
+    """The statistics of every training latent (`export.pipeline.class_statistics`) are
+    well formed and belong to the same training set as the exemplars: a count per class
+    of the manifest, at least as many as its exemplars, and the count-weighted class
+    means give ``latent_mean`` (the mean training latent)."""
+    missing = [name for name in CLASS_STATS if name not in stats]
+    if missing:
+        raise VerifyError(f"{path}: lacks {missing} (the manifest's exemplars section lists "
+                          f"class statistics, or the file holds only some of them)")
+    counts, means, scatter = (stats[name] for name in CLASS_STATS)
+    if counts.shape != (k,) or counts.dtype.kind not in "iu" or means.dtype.kind != "f" \
+            or scatter.dtype.kind != "f":
+        raise VerifyError(f"{path}: class_counts {counts.dtype}{list(counts.shape)}, "
+                          f"class_means {means.dtype}, class_scatter {scatter.dtype}; "
+                          f"expected ints [{k}] and floats")
+    problem = check_stats(counts, means, scatter, d)
+    if problem:
+        raise VerifyError(f"{path}: class_{problem}")
+    per_class = np.bincount(labels, minlength=k)
+    short = np.flatnonzero((counts < 1) | (counts < per_class))
+    if short.size:
+        c = int(short[0])
+        raise VerifyError(f"{path}: class_counts[{c}] = {int(counts[c])}, but the class has "
+                          f"{int(per_class[c])} exemplars (expected >= 1 and >= that)")
+    if n is not None and int(counts.sum()) != n:
+        raise VerifyError(f"{path}: class_counts sum to {int(counts.sum())}, the manifest "
+                          f"says n_statistics = {n}")
+    pooled = counts @ means.astype(np.float64) / counts.sum()                  # (d,)
+    err = float(np.abs(pooled - latent_mean).max())
+    if err > STATS_MEAN_TOL * (1.0 + float(np.abs(latent_mean).max())):
+        raise VerifyError(f"{path}: the count-weighted class_means differ from latent_mean "
+                          f"by up to {err:.3g}: statistics of another training set")
+    return f"class statistics of {int(counts.sum())} training latents"
 
 
 def verify_bundle(path: str | Path, data: str | Path | None = None, *, n_random: int = 64,

@@ -25,6 +25,7 @@ from agent.mqtt import BrokerURL, make_client  # noqa: E402
 from firmware_sim.broker import EmbeddedBroker, find_mosquitto, resolve_kind  # noqa: E402
 
 BROKER_ENV = "REVERIE_TEST_BROKER"
+pytest_plugins = ["tests.tlsbroker"]   # the `secure_broker` fixture (TLS, mTLS, passwords)
 
 
 def _broker_preference() -> str:
@@ -47,7 +48,7 @@ def pytest_report_header(config):
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     # Before -m deselection runs, so `-m "not broker"` skips every test that needs one.
-    broker_fixtures = {"broker", "broker_url", "mqtt_collector"}
+    broker_fixtures = {"broker", "broker_url", "mqtt_collector", "secure_broker"}
     for item in items:
         if broker_fixtures & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.broker)

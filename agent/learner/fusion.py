@@ -8,8 +8,11 @@ mass among them::
     p[c in head]     = p_fast(head classes) * p_head[c]
     p[c not in head] = p_fast[c]
 
-With an empty memory (or no similar episode) the head decides alone. Pure functions on
-arrays, so they are easy to test against hand-computed cases.
+With an empty memory (or no similar episode) the head decides alone. The schema readout
+(class prototypes + shared covariance, agent/memory/schema.py) is then pooled in with a
+fixed weight (`mix_schema`): it knows every class the memory has seen, like the kNN, but
+summarises all of them rather than the nearest few. Pure functions on arrays, so they are
+easy to test against hand-computed cases.
 """
 
 from __future__ import annotations
@@ -108,3 +111,18 @@ def fuse_batch(p_head: np.ndarray, p_fast: np.ndarray) -> tuple[np.ndarray, list
     who = ["fast" if b >= kh else ("agree" if f and fb == b else "slow")
            for b, f, fb in zip(best.tolist(), has_fast.tolist(), fast_best.tolist(), strict=True)]
     return out, who
+
+
+def mix_schema(probs: np.ndarray, who: list[str], p_schema: np.ndarray,
+               weight: float) -> tuple[np.ndarray, list[str]]:
+    """Pool the fused distribution ``probs`` (B, K) with the schema's ``p_schema`` (B, K):
+    ``(1 - weight) probs + weight p_schema`` (a linear pool; a geometric one measured no
+    better). Rows where the schema knows no class are left alone. A row whose winner the
+    schema changed is decided by ``"fast"`` (the schema is the memory's).
+    """
+    has = p_schema.sum(axis=1) > 0                                        # (B,)
+    if weight == 0 or not has.any():
+        return probs, who
+    out = np.where(has[:, None], (1.0 - weight) * probs + weight * p_schema, probs)
+    changed = out.argmax(axis=1) != probs.argmax(axis=1)
+    return out, [("fast" if c else w) for w, c in zip(who, changed.tolist(), strict=True)]

@@ -48,6 +48,8 @@ from agent.sleep import AdaptedHead, SleepReport
 
 log = logging.getLogger("reverie.learner")
 MAX_LABEL_CHARS = 64
+MAX_SEEN_KEYS = 20_000   # label keys remembered for deduplication (checkpointed)
+MAX_PREVIOUS_HEADS = 3   # earlier adapters kept in memory for `rollback_adapter`
 _DECIDED = ("slow", "agree", "fast")
 
 
@@ -72,22 +74,29 @@ class LearnResult:
     surprise: float
     new_class: bool
     episode_id: int | None
-    prediction: Prediction
+    prediction: Prediction | None
+    duplicate: bool = False      # the key was learned before: nothing done
 
 
 class Learner:
     """See the module docstring. Construct with `from_bundle` or `load`."""
 
     def __init__(self, bundle: Bundle, config: LearnerConfig | None = None, *,
-                 state_dir: str | Path | None = None):
+                 state_dir: str | Path | None = None, encoder: Encoder | None = None):
         config = config or LearnerConfig()
         self.bundle = bundle
         self.config = config
-        self.encoder = Encoder(bundle, threads=config.threads)
+        if encoder is not None and encoder.bundle.bundle_id != bundle.bundle_id:
+            raise ValueError(f"encoder of bundle {encoder.bundle.bundle_id}, learner of "
+                             f"{bundle.bundle_id}")
+        # Several learners (a gateway's per-device learners) may share one encoder session.
+        self.encoder = encoder or Encoder(bundle, threads=config.threads)
+        self._seen: dict[str, None] = {}  # label keys already learned, oldest first
         self.head = Head.from_npz(bundle.file("head.npz"), bundle.manifest)   # frozen base
         # The slow system predictions use; replaced (never mutated) by an accepted sleep.
         self.adapted_head = AdaptedHead.fresh(self.head, config.sleep.rank, config.seed)
         self._sleep_lock = threading.Lock()
+        self._previous_heads: list[AdaptedHead] = []
         self._n_sleeps = 0
         self.latent_dim = self.encoder.latent_dim
         self.classes: list[str] = list(bundle.classes)
@@ -121,7 +130,12 @@ class Learner:
             else:
                 self._seed(exemplars)
             for _seq, payload in rec.records:
-                self._apply(*LearnerState.decode_episode(payload))
+                kind, meta, arrays = LearnerState.decode_record(payload)
+                if kind == "episode":
+                    self._apply(arrays["h"], str(meta["label"]), float(meta["surprise"]),
+                                float(meta["ts"]))
+                if meta.get("key") is not None:
+                    self._remember(str(meta["key"]))
             if rec.records:
                 log.info("replayed %d logged episode(s)", len(rec.records))
         else:
@@ -158,17 +172,32 @@ class Learner:
 
     def _seed(self, exemplars) -> None:
         """Seed the memory with the bundle's base-class exemplars (consolidated, surprise 0)
-        and calibrate the novelty threshold on them."""
-        if exemplars is None or self.config.exemplars_per_class == 0:
+        and calibrate the novelty threshold on them.
+
+        The memory's schema readout (class means, shared covariance) starts from the
+        bundle's statistics of every base training latent when it ships them (then it is
+        the streaming LDA that had seen the whole base training set; they replace what
+        storing the exemplars taught it, since they include those: no double count); from
+        an older bundle, it learns every exemplar (the stored ones and the rest)."""
+        if exemplars is None:
             return
         lat, lab = exemplars["latents"], exemplars["labels"]
         keep = np.concatenate([np.flatnonzero(lab == c)[: self.config.exemplars_per_class]
-                               for c in np.unique(lab)])
+                               for c in np.unique(lab)] + [np.zeros(0, np.int64)])
+        has_stats = "class_scatter" in exemplars
+        if not has_stats:
+            rest = np.setdiff1d(np.arange(lab.shape[0]), keep)
+            for h, y in zip(lat[rest], lab[rest], strict=True):
+                self.memory.observe(h - self.center, int(y))
         lat, lab = lat[keep], lab[keep]
-        codes = self.coder.encode(lat)
+        codes = self.coder.encode(lat) if len(lat) else []
         for h, code, y in zip(lat, codes, lab, strict=True):
             self.memory.add(h - self.center, code, int(y), surprise=0.0, ts=0.0)
             self.readout.learn(code, int(y))
+        if has_stats:   # statistics are shift-invariant but the means: centre them too
+            self.memory.schema.seed_stats(exemplars["class_counts"],
+                                          exemplars["class_means"] - self.center,
+                                          exemplars["class_scatter"])
         if len(lat) >= 2:
             u = lat - self.center
             u = u / np.linalg.norm(u, axis=1, keepdims=True)
@@ -225,20 +254,27 @@ class Learner:
             probs, decided = kernels.fuse_max_similarity(labels, dist, p_head, n_classes,
                                                          cfg.temperature)
             who = [_DECIDED[d] for d in decided.tolist()]
-            return self._predictions(probs, who, dist, t0)
-        if cfg.readout == "max":
-            knn = fusion.max_similarity_batch(labels, dist, n_classes, cfg.temperature)
         else:
-            knn = np.stack([fusion.knn_scores(lb, d, n_classes, cfg.vote_power)
-                            for lb, d in zip(labels, dist, strict=True)])
-        if cfg.assoc_weight:
-            codes = self.coder.encode(latents)                               # (B, k_active)
-            assoc = self.readout.scores_batch(codes)                         # (B, K')
-            p_fast = np.stack([fusion.mix_fast(kn, a, cfg.assoc_weight)
-                               for kn, a in zip(knn, assoc, strict=True)])
-        else:
-            p_fast = knn
-        probs, who = fusion.fuse_batch(p_head, p_fast)                       # (B, K)
+            if cfg.readout == "max":
+                knn = fusion.max_similarity_batch(labels, dist, n_classes, cfg.temperature)
+            else:
+                knn = np.stack([fusion.knn_scores(lb, d, n_classes, cfg.vote_power)
+                                for lb, d in zip(labels, dist, strict=True)])
+            if cfg.assoc_weight:
+                codes = self.coder.encode(latents)                           # (B, k_active)
+                assoc = self.readout.scores_batch(codes)                     # (B, K')
+                p_fast = np.stack([fusion.mix_fast(kn, a, cfg.assoc_weight)
+                                   for kn, a in zip(knn, assoc, strict=True)])
+            else:
+                p_fast = knn
+            probs, who = fusion.fuse_batch(p_head, p_fast)                   # (B, K)
+        if cfg.schema_weight:
+            p_schema = self.memory.schema_posterior(centred, n_classes,
+                                                    cfg.schema_temperature)  # (B, K)
+            if cfg.schema_min_count:                 # abstain on classes not formed yet
+                formed = self.memory.schema_counts(n_classes) >= cfg.schema_min_count
+                p_schema[~formed[probs.argmax(axis=1)]] = 0.0
+            probs, who = fusion.mix_schema(probs, who, p_schema, cfg.schema_weight)
         return self._predictions(probs, who, dist, t0)
 
     def _predictions(self, probs, who, dist, t0) -> list[Prediction]:
@@ -263,19 +299,61 @@ class Learner:
         x = self._windows(windows, single=False)
         return self._predict_latents(self.encoder.encode(x), t0) if len(x) else []
 
+    def encode(self, windows) -> np.ndarray:
+        """Validated windows (B, *input_shape) -> latents (B, latent_dim) float32."""
+        x = self._windows(windows, single=False)
+        return self.encoder.encode(x) if len(x) else np.zeros((0, self.latent_dim), np.float32)
+
+    def predict_latents(self, latents: np.ndarray) -> list[Prediction]:
+        """Predict from latents `encode` returned (a caller that keeps the latents, e.g.
+        the daemon's recent-window history, encodes once and predicts from them)."""
+        t0 = time.perf_counter()
+        h = self._latents(latents)
+        return self._predict_latents(h, t0) if len(h) else []
+
+    def _latents(self, latents) -> np.ndarray:
+        h = np.asarray(latents)
+        if h.ndim != 2 or h.shape[1] != self.latent_dim or h.dtype != np.float32:
+            raise InputError(f"latents are {h.dtype}{list(h.shape)}, expected float32 "
+                             f"[B, {self.latent_dim}]")
+        if not np.isfinite(h).all():
+            raise InputError("latents hold NaN/Inf; rejected")
+        return h
+
     # ------------------------------------------------------------------ learn
 
-    def learn_one(self, window, label: str, *, ts: float | None = None) -> LearnResult:
+    def seen(self, key: str) -> bool:
+        """True if a label with this key was learned (deduplication of redelivered labels)."""
+        return key in self._seen
+
+    def _remember(self, key: str) -> None:
+        self._seen[key] = None
+        if len(self._seen) > MAX_SEEN_KEYS:
+            del self._seen[next(iter(self._seen))]
+
+    def learn_one(self, window, label: str, *, ts: float | None = None,
+                  key: str | None = None) -> LearnResult:
         """Learn from one labelled window: store it when it surprised the model.
 
         A label never seen before creates a class. With a state directory, the episode is
-        in the write-ahead log (fsynced when ``durable``) before this returns.
+        in the write-ahead log (fsynced when ``durable``) before this returns. With a `key`
+        (e.g. the label message's id), a key learned before is a duplicate: nothing is
+        done and ``duplicate`` is True, also after a restart.
         """
-        t0 = time.perf_counter()
         x = self._windows(window, single=True)
+        return self.learn_latent(self.encoder.encode(x)[0], label, ts=ts, key=key)
+
+    def learn_latent(self, latent: np.ndarray, label: str, *, ts: float | None = None,
+                     key: str | None = None) -> LearnResult:
+        """`learn_one` for a latent `encode` returned, shape (latent_dim,)."""
+        t0 = time.perf_counter()
+        h = self._latents(np.asarray(latent)[None])
         ts = time.time() if ts is None else float(ts)
-        h = self.encoder.encode(x)
+        if key is not None and (not isinstance(key, str) or not key or len(key) > 256):
+            raise InputError(f"label key {key!r}: expected a string of 1-256 characters")
         with self._lock:
+            if key is not None and key in self._seen:
+                return LearnResult(False, 0.0, False, None, None, duplicate=True)
             idx, new_class = self._class_index(label)
             pred = self._predict_latents(h, t0)[0]
             surprise = float(1.0 - pred.probs[idx]) if idx < len(pred.probs) else 1.0
@@ -288,12 +366,18 @@ class Learner:
             eid = None
             if store:
                 if self.state is not None:
-                    self.state.log(LearnerState.encode_episode(h[0], label, surprise, ts),
+                    self.state.log(LearnerState.encode_episode(h[0], label, surprise, ts, key),
                                    durable=self.config.durable)
                 eid = self._apply(h[0], label, surprise, ts)
                 self._since_checkpoint += 1
-                if self.state is not None and self._since_checkpoint >= self.config.checkpoint_every:
-                    self.checkpoint()
+            elif key is not None and self.state is not None:
+                # Not stored, but remembered: a redelivery after a crash must not store it.
+                self.state.log(LearnerState.encode_seen(key), durable=self.config.durable)
+            if key is not None:
+                self._remember(key)
+            if store and self.state is not None \
+                    and self._since_checkpoint >= self.config.checkpoint_every:
+                self.checkpoint()
         return LearnResult(store, surprise, new_class, eid, pred)
 
     def _apply(self, h: np.ndarray, label: str, surprise: float, ts: float) -> int:
@@ -324,6 +408,41 @@ class Learner:
         from agent.sleep.consolidate import consolidate  # on first use: it imports agent.learner
 
         return consolidate(self, budget_s, stop_event)
+
+    def rollback_adapter(self, to_version: int | None = None) -> int:
+        """Put back an earlier adapter: the one before the current (default; kept in memory
+        since start-up), or ``to_version=0``, the bundle's head without adapters. The
+        memory keeps every episode. Checkpoints; returns the adapter version now in use.
+        """
+        with self._lock:
+            current = self.adapted_head
+            if to_version is None:
+                if not self._previous_heads:
+                    raise InputError(
+                        f"no earlier adapter than version {current.version} in memory (only "
+                        "sleeps since the agent started are kept): use to_version=0 for the "
+                        "bundle's own head")
+                head = self._previous_heads.pop()
+            elif to_version == 0:
+                head = AdaptedHead.fresh(self.head, self.config.sleep.rank, self.config.seed)
+                self._previous_heads.clear()
+            else:
+                match = [h for h in self._previous_heads if h.version == to_version]
+                if not match:
+                    have = [0] + [h.version for h in self._previous_heads]
+                    raise InputError(f"to_version={to_version}: not in memory (have {have})")
+                i = self._previous_heads.index(match[0])
+                head = match[0]
+                del self._previous_heads[i:]
+            self.adapted_head = head
+            log.info("adapter rolled back: version %d -> %d", current.version, head.version)
+            self.checkpoint()
+            return head.version
+
+    def _keep_previous_head(self, head: AdaptedHead) -> None:
+        """Called by an accepted sleep with the head it replaces (for `rollback_adapter`)."""
+        self._previous_heads.append(head)
+        del self._previous_heads[:-MAX_PREVIOUS_HEADS]
 
     # ------------------------------------------------------------------ persistence
 

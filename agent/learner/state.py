@@ -5,8 +5,11 @@ verified by the store's sha256 before hnswlib reads it) + the associative readou
 (``ro__weights``) + the sparse coder (``coder__*``) + the head's adapters once a sleep was
 accepted (``adapter__A{i}``, ``adapter__B{i}``, ``adapter__N``, ``adapter__c``, with their
 manifest in ``info["adapter"]``: format, version, rank, dims; see agent/sleep/adapters.py)
-+ ``info`` (format, bundle id, the class list in index order, counters, novelty threshold). Log record = one stored episode:
-``{"kind": "episode", "label", "surprise", "ts"}`` + the latent.
++ ``info`` (format, bundle id, the class list in index order, counters, novelty threshold,
+the most recent label keys). Log records: a stored episode
+``{"kind": "episode", "label", "surprise", "ts", "key"?}`` + the latent; a label that was
+learned without storing an episode ``{"kind": "seen", "key"}`` (so a redelivered label is
+recognised as a duplicate after a restart).
 A checkpoint of another bundle is refused: episodes are latents of *that* encoder.
 """
 
@@ -21,6 +24,7 @@ import numpy as np
 from agent.bundle import Bundle
 from agent.errors import BundleError, StateError
 from agent.memory import AssociativeReadout, EpisodicMemory, ReadoutConfig, SparseCoder
+from agent.memory.schema import check_stats
 from agent.persist import LoadedCheckpoint, decode_record, encode_record
 from agent.sleep import AdaptedHead
 
@@ -31,13 +35,20 @@ STATE_FORMAT = 1
 INDEX_FILE = "index.hnsw"
 
 
+CLASS_STATS = ("class_counts", "class_means", "class_scatter")
+
+
 def load_exemplars(bundle: Bundle, latent_dim: int) -> dict[str, np.ndarray]:
     """``exemplars.npz``: ``latents`` (n, d) f32, ``labels`` (n,) ints into the manifest's
-    classes, ``latent_mean`` (d,) f32 (the mean training latent)."""
+    classes, ``latent_mean`` (d,) f32 (the mean training latent); in bundles exported since
+    the schema readout, also the statistics of every training latent (`CLASS_STATS`):
+    ``class_counts`` (K,) ints >= 1, ``class_means`` (K, d), ``class_scatter`` (d, d)
+    floats (returned as float64). Older bundles lack them: the keys are then absent."""
     path = bundle.file("exemplars.npz")
     try:
         with np.load(path, allow_pickle=False) as z:
             out = {k: z[k] for k in ("latents", "labels", "latent_mean")}
+            stats = {k: z[k] for k in CLASS_STATS if k in z.files}
     except (KeyError, OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise BundleError(f"{path}: not a readable exemplars file ({exc})") from None
     lat, lab, mean = out["latents"], out["labels"], out["latent_mean"]
@@ -53,7 +64,33 @@ def load_exemplars(bundle: Bundle, latent_dim: int) -> dict[str, np.ndarray]:
     if not np.isfinite(lat).all() or (np.linalg.norm(lat, axis=1) == 0).any():
         raise BundleError(f"{path}: latents must be finite and non-zero")
     out["labels"] = lab.astype(np.int64)
+    if stats:
+        out.update(_class_stats(path, stats, n_classes, latent_dim))
     return out
+
+
+def _class_stats(path, stats: dict[str, np.ndarray], n_classes: int,
+                 latent_dim: int) -> dict[str, np.ndarray]:
+    missing = [k for k in CLASS_STATS if k not in stats]
+    if missing:
+        raise BundleError(f"{path}: has {sorted(stats)} but not {missing}; the class "
+                          f"statistics are {list(CLASS_STATS)}, all or none")
+    counts, means, scatter = (stats[k] for k in CLASS_STATS)
+    if counts.shape != (n_classes,) or counts.dtype.kind not in "iu":
+        raise BundleError(f"{path}: class_counts is {counts.dtype}{list(counts.shape)}, "
+                          f"expected ints [{n_classes}] (one per class of the manifest)")
+    for name, a in (("class_means", means), ("class_scatter", scatter)):
+        if a.dtype.kind != "f":
+            raise BundleError(f"{path}: {name} is {a.dtype}, expected floats")
+    problem = check_stats(counts, means, scatter, latent_dim)
+    if problem:
+        raise BundleError(f"{path}: class_{problem}")
+    if (counts < 1).any():
+        raise BundleError(f"{path}: class_counts must be >= 1 for every class, got "
+                          f"{counts.tolist()}")
+    return {"class_counts": counts.astype(np.int64),
+            "class_means": means.astype(np.float64),
+            "class_scatter": scatter.astype(np.float64)}
 
 
 @dataclass(frozen=True)
@@ -79,9 +116,27 @@ class LearnerState:
                    part("adapter__"))
 
     @staticmethod
-    def encode_episode(h: np.ndarray, label: str, surprise: float, ts: float) -> bytes:
-        return encode_record({"kind": "episode", "label": label, "surprise": surprise, "ts": ts},
-                             {"h": np.ascontiguousarray(h, dtype=np.float32)})
+    def encode_episode(h: np.ndarray, label: str, surprise: float, ts: float,
+                       key: str | None = None) -> bytes:
+        meta = {"kind": "episode", "label": label, "surprise": surprise, "ts": ts}
+        if key is not None:
+            meta["key"] = key
+        return encode_record(meta, {"h": np.ascontiguousarray(h, dtype=np.float32)})
+
+    @staticmethod
+    def encode_seen(key: str) -> bytes:
+        return encode_record({"kind": "seen", "key": key}, {})
+
+    @staticmethod
+    def decode_record(payload: bytes) -> tuple[str, dict, dict]:
+        """``(kind, meta, arrays)`` of a log record; StateError for an unknown kind."""
+        meta, arrays = decode_record(payload)
+        kind = meta.get("kind")
+        if kind == "episode" and "h" in arrays:
+            return kind, meta, arrays
+        if kind == "seen" and isinstance(meta.get("key"), str):
+            return kind, meta, arrays
+        raise StateError(f"log record of unknown kind {kind!r}: {sorted(meta)}")
 
     @staticmethod
     def decode_episode(payload: bytes) -> tuple[np.ndarray, str, float, float]:
@@ -100,7 +155,8 @@ def snapshot(learner: Learner) -> tuple[dict[str, np.ndarray], dict, dict]:
     info = {"format": STATE_FORMAT, "bundle_id": learner.bundle.bundle_id,
             "classes": list(learner.classes), "n_stored": learner.n_stored,
             "novelty_threshold": learner.novelty_threshold,
-            "memory_config": _config_dict(mem.config), "sleeps": learner._n_sleeps}
+            "memory_config": _config_dict(mem.config), "sleeps": learner._n_sleeps,
+            "seen_keys": list(learner._seen)}
     head = learner.adapted_head
     if head.version > 0:
         arrays.update({f"adapter__{k}": v for k, v in head.state_arrays().items()})
@@ -146,5 +202,8 @@ def restore(learner: Learner, st: LearnerState) -> None:
     learner.n_stored = int(info.get("n_stored", 0))
     learner.novelty_threshold = info.get("novelty_threshold")
     learner._n_sleeps = int(info.get("sleeps", 0))
+    learner._seen.clear()
+    for key in info.get("seen_keys", []):
+        learner._remember(str(key))
     if head is not None:
         learner.adapted_head = head

@@ -53,6 +53,10 @@ class MemoryConfig:
     half_life_s: float = 7 * 86400.0
     surprise_weight: float = 1.0
     replay_weight: float = 0.25
+    # The schema readout's covariance shrinkage (relative to the mean variance) and how
+    # many observations its rank-1 precision updates run before an exact recompute.
+    schema_shrinkage: float = 1e-2
+    schema_refresh_every: int = 256
 
     def __post_init__(self):
         _int_at_least("capacity", self.capacity, 1)
@@ -70,6 +74,10 @@ class MemoryConfig:
         _float_at_least("half_life_s", self.half_life_s, 0.0, strict=True)
         _float_at_least("surprise_weight", self.surprise_weight, 0.0)
         _float_at_least("replay_weight", self.replay_weight, 0.0)
+        _float_at_least("schema_shrinkage", self.schema_shrinkage, 0.0, strict=True)
+        if self.schema_shrinkage > 1:
+            raise ConfigError(f"schema_shrinkage={self.schema_shrinkage!r}, expected <= 1")
+        _int_at_least("schema_refresh_every", self.schema_refresh_every, 1)
         if self.capacity >= 2**40:
             # Episode ids are seq * capacity + slot in uint64 (see episodic.py); keep 2**24 adds of headroom.
             raise ConfigError(f"capacity={self.capacity}, expected < 2**40")

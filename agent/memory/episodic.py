@@ -9,7 +9,10 @@ Invariants (tested against a brute-force oracle in tests/agent/memory):
 * when full, an add evicts from the class holding the most episodes, and within it the
   episode with the lowest retention (`kernels.retention_scores`); ties go to the older;
 * hnswlib never runs a query concurrently with an insert or delete: one ``RLock`` guards
-  every index call and every array mutation (hnswlib releases the GIL inside its calls).
+  every index call and every array mutation (hnswlib releases the GIL inside its calls);
+* every added latent (and every one passed to `observe`) also enters the schema readout
+  (`agent.memory.schema`: running class means and shared covariance), which eviction and
+  removal do not touch: the schema keeps what evicted episodes taught.
 
 The index stores hnswlib labels = episode ids. Evicted episodes are ``mark_deleted`` and
 their graph nodes reused by ``add_items(..., replace_deleted=True)``
@@ -36,7 +39,14 @@ from agent.memory._checks import (
 )
 from agent.memory.config import MemoryConfig
 from agent.memory.errors import MemoryInputError, MemoryStateError
-from agent.memory.state import STATE_FIELDS, Episodes, expected_fields, validate_state
+from agent.memory.schema import SchemaReadout
+from agent.memory.state import (
+    SCHEMA_FIELDS,
+    STATE_FIELDS,
+    Episodes,
+    expected_fields,
+    validate_state,
+)
 
 # Labels index per-class arrays (counts, readout columns): bound them so a bad label cannot
 # allocate gigabytes. Far above any number of classes a device learns.
@@ -68,6 +78,7 @@ class EpisodicMemory:
         self.episode_ids_[:] = FREE_ID
         self._derive_bookkeeping()
         self._index = self._new_index()
+        self.schema = self._new_schema()
 
     # ------------------------------------------------------------------ writes
 
@@ -114,7 +125,16 @@ class EpisodicMemory:
                 self._class_counts = grown
             self._class_counts[label] += 1
             self._n += 1
+            self.schema.observe(x, label)
         return eid
+
+    def observe(self, latent, label: int) -> None:
+        """Learn `latent`'s class statistics (the schema readout) without storing an episode:
+        e.g. labelled latents the memory has no room or reason to keep."""
+        x = latent_vector(latent, name="latent", dim=self.config.dim)
+        label = int_scalar(label, name="label", lo=0, hi=MAX_LABEL)
+        with self._lock:
+            self.schema.observe(x, label)
 
     def remove(self, ids) -> int:
         """Forget these episodes; ids no longer stored are skipped. Returns how many went."""
@@ -228,6 +248,22 @@ class EpisodicMemory:
             labels = self.labels_[slots].reshape(ids.shape)
         return labels, dist.astype(np.float32, copy=False)
 
+    def schema_posterior(self, latents: np.ndarray, n_classes: int,
+                         temperature: float = 1.0) -> np.ndarray:
+        """The schema readout's class posteriors: latents (B, dim) -> (B, n_classes) f64,
+        rows summing to 1 over the classes it has observed, all zeros before any."""
+        x = float_array(latents, name="latents", shape=(None, self.config.dim))
+        with self._lock:
+            return self.schema.posterior(x, n_classes, temperature)
+
+    def schema_counts(self, n_classes: int) -> np.ndarray:
+        """Latents the schema readout has learned per class: (n_classes,) f64."""
+        with self._lock:
+            out = np.zeros(n_classes)
+            k = min(n_classes, self.schema.counts_.shape[0])
+            out[:k] = self.schema.counts_[:k]
+            return out
+
     def get(self, ids) -> Episodes:
         """Copies of these episodes, in the order asked; an id not stored raises MemoryInputError."""
         ids = self._ids(ids)
@@ -271,6 +307,7 @@ class EpisodicMemory:
         with self._lock:
             out = {name: getattr(self, name + "_").copy() for name in STATE_FIELDS if name != "next_seq"}
             out["next_seq"] = np.array(self._next_seq, dtype=np.uint64)
+            out.update({f"schema_{k}": v for k, v in self.schema.state_arrays().items()})
             return out
 
     def save_index(self, path: str | PathLike) -> None:
@@ -305,6 +342,17 @@ class EpisodicMemory:
         self._derive_bookkeeping(next_seq=int(arrays["next_seq"]))
         live = np.flatnonzero(self.valid_)
         live = live[np.argsort(self.episode_ids_[live], kind="stable")]   # insertion order
+        if SCHEMA_FIELDS[0] in arrays:
+            self.schema = SchemaReadout.from_state(
+                {k[len("schema_"):]: arrays[k] for k in SCHEMA_FIELDS},
+                config.schema_shrinkage, config.schema_refresh_every)
+            if self.schema.dim != config.dim:
+                raise MemoryStateError(f"schema state has dim {self.schema.dim}, expected "
+                                       f"{config.dim}")
+        else:               # state from before the schema readout: what the episodes say
+            self.schema = self._new_schema()
+            for slot in live:
+                self.schema.observe(self.latents_[slot], int(self.labels_[slot]))
         if index_path is None:
             self._index = self._new_index()
             if live.size:
@@ -339,6 +387,10 @@ class EpisodicMemory:
         index.set_ef(c.ef_search)
         index.set_num_threads(1)
         return index
+
+    def _new_schema(self) -> SchemaReadout:
+        c = self.config
+        return SchemaReadout(c.dim, c.schema_shrinkage, c.schema_refresh_every)
 
     def _derive_bookkeeping(self, next_seq: int = 0) -> None:
         self._next_seq = next_seq

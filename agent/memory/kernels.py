@@ -401,3 +401,6 @@ def warmup() -> None:
     W = np.zeros((16, 2), dtype=np.float32)                     # (m, K)
     assoc_update(W, codes[0], 1, 0.5)
     assoc_readout(W, codes[0])
+    from agent.memory import schema_kernels  # its own module: kernels.py is at its size cap
+
+    schema_kernels.warmup()

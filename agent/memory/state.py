@@ -1,8 +1,11 @@
 """The episodic memory's arrays: their names, shapes and dtypes, and loud validation of saved state.
 
-`EpisodicMemory.state_arrays()` returns exactly `STATE_FIELDS`; `validate_state` checks a
-dict read back from disk against a `MemoryConfig` before anything trusts it, so a
-truncated, mismatched or hand-edited checkpoint fails with the field and value named.
+`EpisodicMemory.state_arrays()` returns `STATE_FIELDS` plus the schema readout's
+`SCHEMA_FIELDS`; `validate_state` checks a dict read back from disk against a
+`MemoryConfig` before anything trusts it, so a truncated, mismatched or hand-edited
+checkpoint fails with the field and value named. The schema fields are optional (state
+written before the schema readout existed): without them the schema is rebuilt from the
+stored episodes.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def expected_fields(config: MemoryConfig) -> dict[str, tuple[tuple[int, ...], np
 
 
 STATE_FIELDS = tuple(expected_fields(MemoryConfig()).keys())
+SCHEMA_FIELDS = ("schema_counts", "schema_means", "schema_scatter")   # see agent/memory/schema.py
 
 
 @dataclass(frozen=True)
@@ -57,10 +61,14 @@ def validate_state(config: MemoryConfig, arrays: dict[str, np.ndarray]) -> dict[
     """Check `arrays` against `config` and itself; return C-contiguous, writeable copies."""
     expected = expected_fields(config)
     missing = sorted(set(expected) - set(arrays))
-    extra = sorted(set(arrays) - set(expected))
+    extra = sorted(set(arrays) - set(expected) - set(SCHEMA_FIELDS))
+    schema = [f for f in SCHEMA_FIELDS if f in arrays]
+    if schema and len(schema) != len(SCHEMA_FIELDS):
+        missing += sorted(set(SCHEMA_FIELDS) - set(schema))
     if missing or extra:
         raise MemoryStateError(f"memory state has missing fields {missing} and unknown fields {extra}; "
-                               f"expected exactly {sorted(expected)}")
+                               f"expected exactly {sorted(expected)}, plus all or none of "
+                               f"{list(SCHEMA_FIELDS)}")
     out = {}
     for name, (shape, dtype) in expected.items():
         a = np.asarray(arrays[name])
@@ -68,6 +76,8 @@ def validate_state(config: MemoryConfig, arrays: dict[str, np.ndarray]) -> dict[
             raise MemoryStateError(f"memory state field {name!r} has shape {a.shape} dtype {a.dtype}, "
                                    f"expected shape {shape} dtype {dtype} (config {config})")
         out[name] = np.array(a, order="C", copy=True)
+    for name in schema:         # shapes and values: SchemaReadout.from_state
+        out[name] = np.array(arrays[name], order="C", copy=True)
 
     cap = config.capacity
     valid = out["valid"]

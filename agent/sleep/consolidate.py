@@ -12,11 +12,17 @@
    classes, cross-entropy to the labels + distillation to the teacher's logits on its own
    classes (on every replayed sample, so old classes keep their relative structure). Stops at ``replay_samples``, at the budget, or at once when ``stop`` is set
    (checked between mini-batches, each well under a millisecond on a head of 64-128 units).
-4. **Gate**: the learner's prediction (head fused with the fast memory, whose neighbours
-   are the training episodes) on the gate set, with the teacher and with the student.
-   Accepted iff old-class accuracy drops by at most ``max_old_drop`` and overall accuracy
-   by at most ``max_overall_drop``. "Old" = classes the teacher outputs. (The fast side
-   is the default readout, per-class nearest episode; ``readout="vote"`` and the
+4. **Gate**: the learner's prediction without its schema readout (head fused with the
+   fast memory, whose neighbours are the training episodes) on the gate set, with the
+   teacher and with the student. Accepted iff old-class accuracy drops by at most
+   ``max_old_drop``, no class with at least ``min_class_held_out`` held-out samples (the
+   newest classes included) drops by more than ``max_class_drop``, and overall accuracy
+   drops by at most ``max_overall_drop``; a rejection names the rule, the class and the
+   numbers. "Old" = classes the teacher outputs. The schema readout
+   (agent/memory/schema.py) is left out on purpose: a sleep does not change it, it has
+   learned the gate samples, and pooled in it masks a wrecked head (one wrecked by a huge
+   learning rate still scored 100 % on the gate with it, tests/agent/sleep). (The fast
+   side is the default readout, per-class nearest episode; ``readout="vote"`` and the
    associative readout are not modelled.) After the swap every class in the gate set is
    a head class, so the fused prediction is the head's: the gate compares the learner as
    it was with the head that will replace it, including on the classes it takes over.
@@ -44,6 +50,7 @@ from agent.sleep.replay import EpisodeSet, ReplayStream, holdout_mask
 from agent.sleep.report import Accuracy, SleepReport
 
 if TYPE_CHECKING:
+    from agent.learner.config import SleepConfig
     from agent.learner.learner import Learner
 
 log = logging.getLogger("reverie.sleep")
@@ -130,7 +137,7 @@ class _Sleep:
             return self.report(False, "preempted")
         before, after = self._evaluate(teacher, student, memory_train, gate, len(classes))
         self.info.update(acc_before=before, acc_after=after)
-        reason = _gate(before, after, self.cfg.max_old_drop, self.cfg.max_overall_drop)
+        reason = _gate(before, after, self.cfg)
         if reason:
             return self.report(False, reason)
         if self.stop.is_set():
@@ -214,16 +221,21 @@ class _Sleep:
         nb_labels = train.labels[top].astype(np.int32)
         nb_dist = (1.0 - np.take_along_axis(sim, top, axis=1)).astype(np.float32)
         kp = teacher.n_classes
+        cfg = L.config
+        names = [L.classes[c] for c in np.unique(gate_y)]
 
         def accuracy(head: AdaptedHead) -> Accuracy:
             p_head = softmax(head.logits(gate_x).astype(np.float64))     # (G, Kh)
             probs, _ = fusion_kernels.fuse_max_similarity(nb_labels, nb_dist, p_head,
-                                                          n_classes, L.config.temperature)
+                                                          n_classes, cfg.temperature)
             hit = probs.argmax(axis=1) == gate_y
             old = gate_y < kp
             mean = lambda m: float(hit[m].mean()) if m.any() else None   # noqa: E731
+            per = {n: mean(gate_y == c) for n, c in zip(names, np.unique(gate_y), strict=True)}
+            per_n = {n: int((gate_y == c).sum()) for n, c in zip(names, np.unique(gate_y),
+                                                                  strict=True)}
             return Accuracy(mean(old), mean(~old), mean(np.ones_like(old)),
-                            int(old.sum()), int((~old).sum()))
+                            int(old.sum()), int((~old).sum()), per, per_n)
 
         return accuracy(teacher), accuracy(student)
 
@@ -233,6 +245,7 @@ class _Sleep:
         with L._lock:
             if L.adapted_head is not teacher:     # replaced meanwhile (e.g. a restore)
                 return self.report(False, "superseded: the head changed during the sleep")
+            L._keep_previous_head(teacher)
             L.adapted_head = student
             L.memory.mark_replayed(replayed_ids, time.time())
             decayed = L.memory.decay(np.unique(replayed_ids), cfg.forget_factor)
@@ -247,16 +260,21 @@ class _Sleep:
         return self.report(True, reason, episodes_decayed=decayed, episodes_evicted=evicted)
 
 
-def _gate(before: Accuracy, after: Accuracy, max_old_drop: float,
-          max_overall_drop: float) -> str | None:
-    """None when the student may replace the teacher, else why not."""
+def _gate(before: Accuracy, after: Accuracy, cfg: SleepConfig) -> str | None:
+    """None when the student may replace the teacher, else why not: old-class accuracy,
+    then every class with enough held-out samples (the newest too), then overall."""
     tol = 1e-9
-    if before.old is not None and after.old < before.old - max_old_drop - tol:
+    if before.old is not None and after.old < before.old - cfg.max_old_drop - tol:
         return (f"gate: old-class accuracy fell {before.old:.3f} -> {after.old:.3f} "
-                f"(allowed drop {max_old_drop:.3f}, {before.n_old} samples)")
-    if after.all < before.all - max_overall_drop - tol:
+                f"(allowed drop {cfg.max_old_drop:.3f}, {before.n_old} samples)")
+    for name, n in before.per_class_n.items():
+        a, b = before.per_class[name], after.per_class[name]
+        if n >= cfg.min_class_held_out and b < a - cfg.max_class_drop - tol:
+            return (f"gate: class {name!r} accuracy fell {a:.3f} -> {b:.3f} (allowed drop "
+                    f"{cfg.max_class_drop:.3f}, {n} samples)")
+    if after.all < before.all - cfg.max_overall_drop - tol:
         return (f"gate: overall accuracy fell {before.all:.3f} -> {after.all:.3f} "
-                f"(allowed drop {max_overall_drop:.3f})")
+                f"(allowed drop {cfg.max_overall_drop:.3f})")
     return None
 
 

@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass, field
 class Accuracy:
     """Accuracy on the held-out slice; None where the slice holds no such episode.
 
-    ``old``: classes the head knew before this sleep; ``new``: classes it learns in it.
+    ``old``: classes the head knew before this sleep; ``new``: classes it learns in it;
+    ``per_class``: every class in the slice (what the per-class rule of the gate judges).
     """
 
     old: float | None
@@ -17,6 +18,8 @@ class Accuracy:
     all: float | None
     n_old: int
     n_new: int
+    per_class: dict[str, float] = field(default_factory=dict)   # class name -> accuracy
+    per_class_n: dict[str, int] = field(default_factory=dict)   # class name -> samples
 
 
 @dataclass(frozen=True)

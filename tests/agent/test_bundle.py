@@ -242,11 +242,11 @@ def test_run_refuses_a_missing_key_file_as_a_config_error(bundle, tmp_path, caps
 
 
 def test_the_daemon_loads_a_signed_bundle(signed, pub_a, key_a):
-    from agent.daemon import Daemon, DaemonConfig
-    from agent.mqtt import BrokerURL
+    from agent.config import AgentConfig
+    from agent.daemon import Daemon
 
-    d = Daemon(DaemonConfig(bundle=signed, broker=BrokerURL("127.0.0.1", 1), device_id="d",
-                            public_keys=[str(pub_a)]))  # no connection until start()
+    d = Daemon(AgentConfig(bundle=signed, device_id="d",
+                           public_keys=[str(pub_a)]))  # no connection until start()
     assert d.config.public_keys == (pub_a,) and d.bundle.signed_by == _key_id(key_a)
 
 

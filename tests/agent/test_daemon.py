@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from agent.daemon import Daemon, DaemonConfig, check_health
+from agent.config import AgentConfig, BrokerConfig, IngestConfig, SleepSchedule
+from agent.daemon import Daemon, check_health
 from agent.errors import ConfigError
 from agent.mqtt import BrokerURL
 from agent.protocol import encode_frame_binary, encode_frame_json
@@ -18,6 +19,14 @@ from agent.topics import Topics
 from firmware_sim.signals import SignalGenerator
 
 WINDOW = 128
+
+
+def agent_config(bundle, url, device, protocol="5", **kw) -> AgentConfig:
+    """A daemon config for tests: sleeping only on command unless `sleep` is given."""
+    kw.setdefault("sleep", SleepSchedule(idle_after_s=3600))
+    broker = kw.pop("broker", None) or BrokerConfig(url=BrokerURL.parse(url), protocol=protocol,
+                                                    client_id=kw.pop("client_id", None))
+    return AgentConfig(bundle=bundle, device_id=device, broker=broker, **kw)
 
 
 def _frames(cls: str, n_windows: int, frame_samples: int = 32, seed: int = 0, seq0: int = 0):
@@ -28,9 +37,7 @@ def _frames(cls: str, n_windows: int, frame_samples: int = 32, seed: int = 0, se
 
 @pytest.fixture
 def daemon(sim_bundle, broker_url, broker, unique_device):
-    cfg = DaemonConfig(bundle=sim_bundle, broker=BrokerURL.parse(broker_url),
-                       device_id=unique_device, protocol=broker.protocols[-1])
-    d = Daemon(cfg)
+    d = Daemon(agent_config(sim_bundle, broker_url, unique_device, broker.protocols[-1]))
     d.start()
     assert d.wait_connected(10)
     yield d
@@ -79,7 +86,7 @@ def test_malformed_frames_get_error_events_and_daemon_keeps_serving(daemon, mqtt
     assert [e["reason"] for e in got] == [r for _, r in BAD]
     assert all(e["type"] == "error" and e["detail"] and e["topic"] == t.frames for e in got)
     assert "expects 6" in got[1]["detail"]
-    assert sum(daemon.counters.dropped.values()) == len(BAD)
+    assert sum(daemon.counters()["dropped"].values()) == len(BAD)
     # still alive: a good stream is predicted
     for seq, ts, values in _frames("idle", 1, seq0=10):
         probe.publish(t.frames, encode_frame_json(seq, ts, values), qos=0)
@@ -89,8 +96,7 @@ def test_malformed_frames_get_error_events_and_daemon_keeps_serving(daemon, mqtt
 def test_gateway_serves_every_device(sim_bundle, broker_url, broker, mqtt_collector,
                                      unique_device):
     prefix = f"gw/{unique_device}"
-    d = Daemon(DaemonConfig(bundle=sim_bundle, broker=BrokerURL.parse(broker_url),
-                            device_id="+", prefix=prefix, protocol=broker.protocols[-1]))
+    d = Daemon(agent_config(sim_bundle, broker_url, "+", broker.protocols[-1], prefix=prefix))
     d.start()
     try:
         assert d.wait_connected(10)
@@ -109,9 +115,11 @@ def test_gateway_serves_every_device(sim_bundle, broker_url, broker, mqtt_collec
 
 def test_bad_config_names_the_key(sim_bundle):
     with pytest.raises(ConfigError, match="threads=0"):
-        DaemonConfig(bundle=sim_bundle, broker=BrokerURL("h", 1), device_id="d", threads=0)
-    with pytest.raises(ConfigError, match="Invalid device id"):
-        DaemonConfig(bundle=sim_bundle, broker=BrokerURL("h", 1), device_id="a/b")
+        AgentConfig(bundle=sim_bundle, device_id="d", threads=0)
+    with pytest.raises(ConfigError, match="device"):
+        AgentConfig(bundle=sim_bundle, device_id="a/b")
+    with pytest.raises(ConfigError, match="ingest.queue_size"):
+        IngestConfig(queue_size=0)
 
 
 def test_run_process_sigterm_publishes_offline_and_health(sim_bundle, broker_url, broker,
@@ -162,7 +170,7 @@ def test_run_refuses_a_missing_bundle_with_one_line(tmp_path, capsys):
 def test_learner_predictions_carry_fusion_and_novelty(daemon, mqtt_collector, unique_device):
     """A split bundle runs the full learner: predictions say which system decided, and a
     window unlike anything in memory raises a novelty event."""
-    assert daemon.learner is not None
+    assert daemon.learner_for(unique_device) is not None
     t = Topics(unique_device)
     probe = mqtt_collector(t.predictions, t.events)
     rng = np.random.default_rng(0)

@@ -52,3 +52,14 @@ def test_hand_checked_cases():
     dist = np.array([0.30, 0.31, 0.32, 0.33, 0.10])
     assert fusion.max_similarity_scores(labels, dist, 2, 0.05).argmax() == 1
     assert fusion.knn_scores(labels, dist, 2, 1.0).argmax() == 0
+
+
+def test_mix_schema_hand_checked():
+    probs = np.array([[0.6, 0.4, 0.0], [0.2, 0.8, 0.0], [0.5, 0.5, 0.0]])
+    schema = np.array([[0.0, 0.0, 1.0], [0.1, 0.9, 0.0], [0.0, 0.0, 0.0]])   # row 2: nothing known
+    out, who = fusion.mix_schema(probs, ["slow", "agree", "slow"], schema, 0.5)
+    np.testing.assert_allclose(out, [[0.3, 0.2, 0.5], [0.15, 0.85, 0.0], [0.5, 0.5, 0.0]])
+    assert who == ["fast", "agree", "slow"]            # only row 0's winner changed
+    same, who0 = fusion.mix_schema(probs, ["slow"] * 3, schema, 0.0)
+    assert same is probs and who0 == ["slow"] * 3
+    np.testing.assert_allclose(out.sum(axis=1), 1.0)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from agent.errors import InputError, StateError
+from agent.errors import ConfigError, InputError, StateError
 from agent.learner import Learner, LearnerConfig
 from tests.agent.learner.conftest import BASE, NEW, windows
 
@@ -14,11 +14,15 @@ def learner(base_bundle):
         yield L
 
 
-def test_predicts_base_classes_with_the_head(learner):
+def test_predicts_base_classes_with_the_head(learner, base_bundle):
     preds = learner.predict_many(windows("run", 20, seed=3))
     assert all(abs(p.probs.sum() - 1) < 1e-6 and p.classes == BASE for p in preds)
     assert sum(p.label == "run" for p in preds) >= 15   # the small test model is ~85-95%
-    assert all(p.decided_by in ("slow", "agree") for p in preds)  # only base classes known
+    # Only base classes known: the head decides, the memory's schema may overrule it.
+    assert all(p.decided_by in ("slow", "agree", "fast") for p in preds)
+    with Learner.from_bundle(base_bundle, LearnerConfig(capacity=500, schema_weight=0)) as alone:
+        assert all(p.decided_by in ("slow", "agree")
+                   for p in alone.predict_many(windows("run", 20, seed=3)))
     one = learner.predict_one(windows("idle", 1, seed=4)[0])
     assert one.label == "idle" and 0 < one.confidence <= 1 and one.latency_us > 0
 
@@ -57,6 +61,35 @@ def test_bad_labels_are_rejected(learner, label):
     with pytest.raises(InputError, match="label"):
         learner.learn_one(windows("tilt", 1)[0], label)
     assert learner.classes == list(BASE)
+
+
+def test_every_bundle_exemplar_teaches_the_schema_readout(learner):
+    n_exemplars = learner._exemplars["labels"].shape[0]
+    assert len(learner.memory) == 20 * len(BASE) < n_exemplars          # 20 stored per class
+    assert learner.memory.schema.n_observed() == n_exemplars
+    learner.learn_one(windows("shake", 1, seed=2)[0], "shake")
+    assert learner.memory.schema.n_observed() == n_exemplars + 1
+
+
+def test_the_schema_abstains_on_a_class_it_has_not_formed_yet(base_bundle):
+    probe = windows("shake", 20, seed=8)
+    out = {}
+    for name, kw in (("schema", {}), ("alone", {"schema_weight": 0.0})):
+        with Learner.from_bundle(base_bundle, LearnerConfig(capacity=500, **kw)) as L:
+            for w in windows("shake", 3, seed=1):          # 3 < schema_min_count = 10
+                L.learn_one(w, "shake")
+            out[name] = L.predict_many(probe)
+    young = [i for i, p in enumerate(out["alone"]) if p.label == "shake"]
+    assert young                                          # the kNN names the new class
+    for i in young:                                       # ... and the schema stays out
+        np.testing.assert_allclose(out["schema"][i].probs, out["alone"][i].probs)
+
+
+@pytest.mark.parametrize("field,value", [("schema_weight", 1.5), ("schema_temperature", 0.0),
+                                         ("schema_min_count", -1)])
+def test_bad_schema_settings_are_refused(field, value):
+    with pytest.raises(ConfigError, match=f"learner.{field}="):
+        LearnerConfig(**{field: value})
 
 
 def test_state_survives_restart_via_log_and_checkpoint(base_bundle, tmp_path):

@@ -69,7 +69,8 @@ def test_replay_is_deterministic_in_seed():
 @pytest.mark.parametrize("field, value", [
     ("rank", 0), ("rank", 4.0), ("batch_size", 0), ("lr", 0.0), ("beta2", 1.0),
     ("holdout_fraction", 1.0), ("max_old_drop", -0.01), ("forget_factor", 1.5),
-    ("distill_temperature", 0), ("min_held_out", 0),
+    ("distill_temperature", 0), ("min_held_out", 0), ("max_class_drop", 1.5),
+    ("min_class_held_out", 0),
 ])
 def test_sleep_config_names_the_bad_field(field, value):
     with pytest.raises(ConfigError, match=f"sleep.{field}="):

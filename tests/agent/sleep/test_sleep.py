@@ -102,7 +102,7 @@ def test_a_tight_bound_rejects_what_a_loose_one_accepts(base_bundle):
     # The same sleep (same seed, a harmful learning rate) under two bounds: the gate's
     # rule decides, and its reason names the rule and the numbers.
     loose = SleepConfig(replay_samples=300, max_old_drop=1.0, max_overall_drop=1.0,
-                        lr=0.05, max_grad_norm=0.0, distill_weight=0.0)
+                        max_class_drop=1.0, lr=0.05, max_grad_norm=0.0, distill_weight=0.0)
     strict = SleepConfig(**{**loose.__dict__, "max_old_drop": 0.01, "max_overall_drop": 1.0})
     reports = []
     for cfg in (loose, strict):
@@ -187,3 +187,28 @@ def test_sleep_without_enough_data_says_why(base_bundle):
         assert not report.accepted and report.reason.startswith("nothing to replay")
     with _learner(base_bundle) as L, pytest.raises(ValueError, match="budget_s"):
         L.sleep(budget_s=0)
+
+
+def test_a_sleep_that_would_hurt_the_newest_class_is_rolled_back_naming_it(base_bundle):
+    # One step at a negligible learning rate: the head takes "tilt" over with an untrained
+    # (zero) row, so the learner's accuracy on tilt collapses while old classes hold.
+    # Only the per-class rule is left to notice (old-class and overall bounds loose).
+    crippled = SleepConfig(replay_samples=32, lr=1e-9, max_overall_drop=1.0, max_old_drop=1.0)
+    reports = []
+    for max_class_drop in (1.0, 0.1):                 # rule off, then the default bound
+        sleep = SleepConfig(**{**crippled.__dict__, "max_class_drop": max_class_drop})
+        cfg = LearnerConfig(capacity=500, min_class_episodes=60, sleep=sleep)
+        with Learner.from_bundle(base_bundle, cfg) as L:
+            for i, w in enumerate(windows("tilt", 50, seed=1)):
+                L.learn_one(w, "tilt", ts=1000.0 + i)
+            head = L.adapted_head
+            reports.append(L.sleep(budget_s=30))
+            if max_class_drop < 1:
+                assert L.adapted_head is head and L.adapted_head.version == 0
+    off, on = reports
+    tilt_before, tilt_after = off.acc_before.per_class["tilt"], off.acc_after.per_class["tilt"]
+    assert off.acc_before.per_class_n["tilt"] >= 10 and tilt_after < tilt_before - 0.1
+    assert off.accepted                                # nothing else objects
+    assert not on.accepted and on.acc_after == off.acc_after
+    assert on.reason.startswith("gate: class 'tilt' accuracy fell"), on.reason
+    assert "allowed drop 0.100" in on.reason and f"{tilt_after:.3f}" in on.reason

@@ -1,0 +1,318 @@
+"""The daemon learning over a real broker: labels, commands, restarts, redelivery."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from agent.config import SleepSchedule
+from agent.daemon import Daemon
+from agent.learner import Learner
+from agent.protocol import encode_frame_binary
+from agent.topics import Topics
+from firmware_sim.signals import SignalGenerator
+from tests.agent.test_daemon import agent_config
+
+FRAME = 32          # samples per frame; 4 frames per 128-sample window
+
+
+def stream(cls: str, n_windows: int, seq0: int = 0, seed: int = 0, ts0: float = 1000.0):
+    gen = SignalGenerator(seed)
+    n = n_windows * 128 // FRAME
+    return [(seq0 + i, ts0 + i * 0.32, gen.samples(cls, FRAME)) for i in range(n)]
+
+
+def send(probe, topic, frames):
+    for seq, ts, values in frames:
+        probe.publish(topic, encode_frame_binary(seq, ts, values), qos=0, wait=False)
+
+
+def events(probe, topic, type_=None):
+    out = [m.json() for m in probe.messages if m.topic == topic]
+    return [e for e in out if type_ is None or e["type"] == type_]
+
+
+@pytest.fixture
+def make_daemon(base_bundle, broker_url, broker):
+    made = []
+
+    def make(device, **kw):
+        d = Daemon(agent_config(base_bundle, broker_url, device, broker.protocols[-1], **kw))
+        made.append(d)
+        d.start()
+        assert d.wait_connected(10)
+        return d
+
+    yield make
+    for d in made:
+        d.stop()
+
+
+def test_labels_teach_a_new_class_and_predictions_show_it(make_daemon, mqtt_collector,
+                                                          unique_device):
+    d = make_daemon(unique_device)
+    t = Topics(unique_device)
+    probe = mqtt_collector(t.predictions, t.events)
+    send(probe, t.frames, stream("shake", 12))
+    preds = probe.wait_for_count(12, topic=t.predictions, timeout_s=20)
+    windows = [p.json()["window"] for p in preds]
+    assert windows == list(range(12))
+    assert not any(p.json()["label"] == "shake" for p in preds)   # unknown to the base model
+    probe.publish(t.labels, json.dumps({"id": "L1", "label": "shake",
+                                        "windows": windows}), qos=1)
+    probe.wait_for(lambda ms: events(probe, t.events, "label"), timeout_s=10)
+    ev = events(probe, t.events, "label")[0]
+    assert ev["reason"] == "learned" and ev["id"] == "L1" and ev["windows"] == 12
+    assert ev["new_class"] is True and ev["stored"] >= 1
+    probe.clear()
+    send(probe, t.frames, stream("shake", 6, seq0=48, seed=7, ts0=2000.0))
+    preds = [p.json() for p in probe.wait_for_count(6, topic=t.predictions, timeout_s=20)]
+    assert sum(p["label"] == "shake" for p in preds) >= 4, [p["label"] for p in preds]
+    assert "shake" in preds[0]["probs"]
+    # the same label again (a redelivery) changes nothing
+    probe.publish(t.labels, json.dumps({"id": "L1", "label": "shake", "windows": windows}), qos=1)
+    probe.wait_for(lambda ms: events(probe, t.events, "label"), timeout_s=10)
+    assert events(probe, t.events, "label")[0]["reason"] == "duplicate"
+    assert d.metrics.labels_duplicate.value() == 1
+
+
+def test_labels_by_time_range_and_inline_values(make_daemon, mqtt_collector, unique_device):
+    make_daemon(unique_device)
+    t = Topics(unique_device)
+    probe = mqtt_collector(t.predictions, t.events)
+    send(probe, t.frames, stream("tilt", 4, ts0=5000.0))
+    probe.wait_for_count(4, topic=t.predictions, timeout_s=20)
+    probe.publish(t.labels, json.dumps({"id": "T", "label": "tilt", "from_ts": 5000.0,
+                                        "to_ts": 5000.0 + 3 * 4 * 0.32}), qos=1)
+    window = SignalGenerator(3).window("tilt", 128)            # (128, 6)
+    probe.publish(t.labels, json.dumps({"id": "V", "label": "tilt",
+                                        "values": window.tolist()}), qos=1)
+    probe.wait_for(lambda ms: len(events(probe, t.events, "label")) == 2, timeout_s=10)
+    got = {e["id"]: e for e in events(probe, t.events, "label")}
+    assert got["T"]["windows"] == 4 and got["V"]["windows"] == 1
+
+
+def test_a_label_for_a_window_yet_to_come_waits_for_it(make_daemon, mqtt_collector,
+                                                       unique_device):
+    make_daemon(unique_device, ingest=_ingest(label_wait_s=10))
+    t = Topics(unique_device)
+    probe = mqtt_collector(t.events)
+    probe.publish(t.labels, json.dumps({"id": "early", "label": "shake", "window": 1}), qos=1)
+    time.sleep(0.3)
+    assert not events(probe, t.events)
+    send(probe, t.frames, stream("shake", 2))
+    probe.wait_for(lambda ms: events(probe, t.events, "label"), timeout_s=10)
+    assert events(probe, t.events, "label")[0]["windows"] == 1
+
+
+def _ingest(**kw):
+    from agent.config import IngestConfig
+
+    return IngestConfig(**kw)
+
+
+BAD_LABELS = [
+    (b"{", "bad_json"),
+    (b'{"label": "x"}', "bad_target"),
+    (b'{"label": "", "window": 1}', "bad_label"),
+    (b'{"label": "x", "window": -1}', "bad_window"),
+    (b'{"label": "x", "window": 1, "extra": 1}', "unknown_field"),
+    (b'{"label": "x", "from_ts": 5, "to_ts": 1}', "bad_range"),
+    (b'{"label": "x", "values": [[1, 2]]}', "bad_shape"),
+    (b'{"label": "x", "values": [[NaN, 1, 1, 1, 1, 1]]}', "non_finite"),
+    (b'{"id": "old", "label": "x", "window": 99999}', "unknown_window"),
+]
+
+
+def test_malformed_labels_and_commands_get_events_and_counters(make_daemon, mqtt_collector,
+                                                               unique_device):
+    d = make_daemon(unique_device, ingest=_ingest(label_wait_s=0.2))
+    t = Topics(unique_device)
+    probe = mqtt_collector(t.events, t.replies, t.predictions)
+    send(probe, t.frames, stream("idle", 1))
+    probe.wait_for_count(1, topic=t.predictions, timeout_s=10)
+    for payload, _ in BAD_LABELS:
+        probe.publish(t.labels, payload, qos=1)
+    probe.publish(t.cmd, b'{"cmd": "reboot"}', qos=1)
+    probe.wait_for(lambda ms: len(events(probe, t.events, "error")) == len(BAD_LABELS) + 1,
+                   timeout_s=10)
+    reasons = [e["reason"] for e in events(probe, t.events, "error")]
+    # a window id ahead of the stream waits label_wait_s before it is reported unknown
+    assert sorted(reasons) == sorted([r for _, r in BAD_LABELS] + ["unknown_command"])
+    reply = probe.wait_for_count(1, topic=t.replies, timeout_s=5)[0].json()
+    assert reply["ok"] is False and "reboot" in reply["error"]
+    dropped = d.counters()["dropped"]
+    assert dropped["bad_json"] == 1 and dropped["unknown_window"] == 1
+    # still serving, and nothing was learned from the bad labels
+    send(probe, t.frames, stream("idle", 1, seq0=4))
+    probe.wait_for_count(2, topic=t.predictions, timeout_s=10)
+    assert d.metrics.labels_learned.value() == 0
+
+
+def test_commands_status_snapshot_sleep_and_rollback(make_daemon, mqtt_collector,
+                                                     unique_device, tmp_path):
+    d = make_daemon(unique_device, state_dir=tmp_path / "state")
+    t = Topics(unique_device)
+    probe = mqtt_collector(t.events, t.replies, t.predictions)
+    send(probe, t.frames, stream("shake", 10))
+    probe.wait_for_count(10, topic=t.predictions, timeout_s=20)
+    probe.publish(t.labels, json.dumps({"id": "s", "label": "shake",
+                                        "windows": list(range(10))}), qos=1)
+    probe.wait_for(lambda ms: events(probe, t.events, "label"), timeout_s=10)
+
+    def command(body):
+        probe.clear()
+        probe.publish(t.cmd, json.dumps(body), qos=1)
+        return probe.wait_for_count(1, topic=t.replies, timeout_s=10)[0].json()
+
+    st = command({"id": "c1", "cmd": "status"})
+    assert st["ok"] and st["id"] == "c1" and "shake" in st["status"]["classes"]
+    snap = command({"id": "c2", "cmd": "snapshot"})
+    assert snap["ok"] and snap["checkpoints"][unique_device] >= 1
+    assert (tmp_path / "state" / "windows.npz").exists()
+    sl = command({"id": "c3", "cmd": "sleep", "budget_s": 5})
+    assert sl["ok"] and sl["scheduled"]
+    probe.wait_for(lambda ms: [e for e in events(probe, t.events, "sleep")
+                               if e["reason"] != "started"], timeout_s=30)
+    report = [e for e in events(probe, t.events, "sleep") if e["reason"] != "started"][0]
+    assert report["reason"] in ("accepted", "rolled_back"), report
+    version = d.learner_for(unique_device).adapted_head.version
+    rb = command({"id": "c4", "cmd": "rollback", "to_version": 0})
+    assert rb["ok"] and rb["adapter_version"] == 0, rb
+    bad = command({"id": "c5", "cmd": "rollback", "to_version": version + 5})
+    assert bad["ok"] is False and "to_version" in bad["error"]
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_labels_published_while_the_agent_is_down_are_learned_after_restart(
+        base_bundle, broker_url, broker, mqtt_collector, unique_device, tmp_path, protocol):
+    if protocol not in broker.protocols:
+        pytest.skip(f"the test broker does not speak MQTT {protocol}")
+    state = tmp_path / "state"
+    kw = dict(state_dir=state, client_id=f"agent-{unique_device}")
+    t = Topics(unique_device)
+    probe = mqtt_collector(t.predictions, t.events)
+    d = Daemon(agent_config(base_bundle, broker_url, unique_device, protocol, **kw))
+    d.start()
+    assert d.wait_connected(10)
+    send(probe, t.frames, stream("shake", 8))
+    probe.wait_for_count(8, topic=t.predictions, timeout_s=20)
+    d.stop()
+    # the agent is down: labels wait in its persistent session on the broker
+    for i in range(8):
+        probe.publish(t.labels, json.dumps({"id": f"down-{i}", "label": "shake", "window": i}),
+                      qos=1)
+    probe.clear()
+    d2 = Daemon(agent_config(base_bundle, broker_url, unique_device, protocol, **kw))
+    d2.start()
+    try:
+        assert d2.wait_connected(10)
+        probe.wait_for(lambda ms: len(events(probe, t.events, "label")) == 8, timeout_s=20)
+        assert all(e["reason"] == "learned" and e["windows"] == 1
+                   for e in events(probe, t.events, "label"))
+        learner = d2.learner_for(unique_device)
+        assert all(learner.seen(f"{unique_device}/down-{i}/{i}") for i in range(8))
+        # window ids continue after the restart: no id is reused
+        send(probe, t.frames, stream("idle", 1, seq0=100))
+        pred = probe.wait_for_count(1, topic=t.predictions, timeout_s=10)[0].json()
+        assert pred["window"] == 8
+    finally:
+        d2.stop()
+    with Learner.from_bundle(base_bundle, state_dir=state) as restored:
+        assert "shake" in restored.classes
+        assert restored.seen(f"{unique_device}/down-7/7")
+
+
+def test_gateway_per_device_learners_learn_separately(make_daemon, mqtt_collector,
+                                                      unique_device, tmp_path):
+    prefix = f"gw/{unique_device}"
+    d = make_daemon("+", prefix=prefix, learner_mode="per_device", state_dir=tmp_path / "s")
+    probe = mqtt_collector(f"{prefix}/+/predictions", f"{prefix}/+/events")
+    a, b = Topics("a", prefix), Topics("b", prefix)
+    send(probe, a.frames, stream("shake", 6))
+    send(probe, b.frames, stream("shake", 6))
+    probe.wait_for_count(12, timeout_s=20)
+    probe.publish(a.labels, json.dumps({"id": "x", "label": "shake",
+                                        "windows": list(range(6))}), qos=1)
+    probe.wait_for(lambda ms: events(probe, a.events, "label"), timeout_s=10)
+    assert "shake" in d.learner_for("a").classes
+    assert "shake" not in d.learner_for("b").classes
+    assert (tmp_path / "s" / "devices" / "a").is_dir()
+
+
+def test_sleep_runs_off_the_ingest_path(make_daemon, mqtt_collector, unique_device):
+    """Predictions keep flowing while a sleep runs; an idle sleep is preempted by data."""
+    d = make_daemon(unique_device, sleep=SleepSchedule(idle_after_s=0.5, min_interval_s=0.1,
+                                                      budget_s=20, max_duration_s=30))
+    t = Topics(unique_device)
+    probe = mqtt_collector(t.predictions, t.events)
+    send(probe, t.frames, stream("shake", 10))
+    probe.wait_for_count(10, topic=t.predictions, timeout_s=20)
+    probe.publish(t.labels, json.dumps({"id": "s", "label": "shake",
+                                        "windows": list(range(10))}), qos=1)
+    probe.wait_for(lambda ms: [e for e in events(probe, t.events, "sleep")
+                               if e["reason"] == "started"], timeout_s=20)
+    probe.clear()
+    send(probe, t.frames, stream("idle", 2, seq0=40))
+    probe.wait_for_count(2, topic=t.predictions, timeout_s=10)
+    probe.wait_for(lambda ms: events(probe, t.events, "sleep"), timeout_s=20)
+    assert d.metrics.sleeps.value(outcome="preempted") + \
+        d.metrics.sleeps.value(outcome="accepted") + \
+        d.metrics.sleeps.value(outcome="rolled_back") >= 1
+    assert np.isfinite(d.metrics.frame_to_prediction_seconds.sum())
+
+
+def test_a_broker_restart_is_survived(base_bundle, mqtt_collector, unique_device, tmp_path,
+                                      broker):
+    """Own broker with persistence: restart it under the daemon; the daemon reconnects,
+    resubscribes and serves again, and labels sent across the restart are learned."""
+    from firmware_sim.broker import EmbeddedBroker
+
+    with EmbeddedBroker(prefer=broker.kind) as own:
+        d = Daemon(agent_config(base_bundle, own.url, unique_device, own.protocols[-1],
+                                client_id=f"agent-{unique_device}"))
+        d.start()
+        try:
+            assert d.wait_connected(10)
+            t = Topics(unique_device)
+            probe = mqtt_collector(t.predictions, t.events, url=own.url)
+            send(probe, t.frames, stream("walk", 2))
+            probe.wait_for_count(2, topic=t.predictions, timeout_s=10)
+            probe.close()
+            own.restart()
+            assert d.wait_connected(30), "the daemon did not reconnect"
+            probe = mqtt_collector(t.predictions, t.events, url=own.url)
+            send(probe, t.frames, stream("walk", 2, seq0=8))
+            probe.wait_for_count(2, topic=t.predictions, timeout_s=10)
+            probe.publish(t.labels, json.dumps({"id": "r", "label": "walk", "window": 2}), qos=1)
+            probe.wait_for(lambda ms: events(probe, t.events, "label"), timeout_s=10)
+            assert d.metrics.reconnects.value() >= 1
+        finally:
+            d.stop()
+
+
+def test_tls_and_mutual_tls(base_bundle, secure_broker, mqtt_collector, unique_device):
+    """The daemon over TLS (server certificate checked against our CA) and mutual TLS."""
+    from agent.config import BrokerConfig
+    from agent.mqtt import BrokerURL
+
+    pki = secure_broker.pki
+    for url, tls in ((secure_broker.url_tls, pki.tls()),
+                     (secure_broker.url_mtls, pki.tls(client=True))):
+        d = Daemon(agent_config(base_bundle, None, unique_device, broker=BrokerConfig(
+            url=BrokerURL.parse(url), tls=tls, session_expiry_s=0)))
+        d.start()
+        try:
+            assert d.wait_connected(10), url
+            assert d._client._ssl    # really on TLS
+        finally:
+            d.stop()
+    # mutual TLS without a client certificate: refused, the daemon keeps retrying
+    d = Daemon(agent_config(base_bundle, None, unique_device, broker=BrokerConfig(
+        url=BrokerURL.parse(secure_broker.url_mtls), tls=pki.tls(), session_expiry_s=0)))
+    d.start()
+    try:
+        assert not d.wait_connected(2)
+    finally:
+        d.stop()
