@@ -22,22 +22,19 @@ inside Docker's 10 s.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
 import signal
-import tempfile
 import threading
 import time
 from collections import deque
-from pathlib import Path
 
 import numpy as np
 
-from agent import __version__
 from agent.bundle import Bundle, load_bundle
 from agent.config import AgentConfig
+from agent.daemon_mqtt import _WAKE, MqttCallbacks
 from agent.errors import ConfigError
 from agent.history import WindowHistory
 from agent.inference import Classifier, Encoder
@@ -49,6 +46,7 @@ from agent.protocol import encode_event, encode_status
 from agent.scheduler import SleepScheduler
 from agent.sdnotify import SystemdNotifier
 from agent.sleeper import Sleeper
+from agent.status import StatusMixin, check_health  # noqa: F401 - check_health: public here
 from agent.topics import WILDCARD_DEVICE, Topics
 from agent.windowing import DeviceWindows
 from agent.worker import Inbound, Worker
@@ -58,14 +56,12 @@ RECEIVE_MAXIMUM = 64          # QoS 1 labels/commands in flight to us (MQTT 5)
 STATUS_INTERVAL_S = 30.0
 HISTORY_FILE = "windows.npz"
 IDLE_WAIT_S = 0.25            # the worker's longest sleep with nothing to do (scheduler polls)
-_WAKE = object()              # put in the frame queue to wake the worker for a label/command
 CRASH_ID_GAP = 1_000_000      # window ids skipped after an unclean stop (see Daemon.__init__)
 HISTORY_SAVE_S = 10.0         # the window history is saved this often when it changed
-MAX_CONTROL = 4096            # queued labels/commands (QoS 1 ones are bounded by the broker)
 CONTROL_PER_LOOP = 32         # labels/commands handled per worker iteration (frames go on)
 
 
-class Daemon:
+class Daemon(StatusMixin, MqttCallbacks):
     def __init__(self, config: AgentConfig, *, env=os.environ):
         self.config = config
         self.bundle: Bundle = load_bundle(config.bundle, public_keys=config.public_keys or None)
@@ -314,89 +310,6 @@ class Daemon:
                 except Exception:  # noqa: BLE001 - keep serving; the WAL still holds it all
                     log.exception("periodic checkpoint failed")
 
-    # ------------------------------------------------------------------ paho callbacks
-
-    def _on_connect(self, client, _userdata, flags, reason_code, _props) -> None:
-        if reason_code.is_failure:
-            log.warning("connection refused by broker: %s", reason_code)
-            return
-        with self._lock:
-            self._gen += 1
-        self._connects += 1
-        if self._connects > 1:
-            self.metrics.reconnects.inc()
-        t = self.topics
-        _rc, self._sub_mid = client.subscribe([(t.frames, 0), (t.labels, 1), (t.cmd, 1)])
-        self._connected.set()
-        self.metrics.connected.set(1)
-        self.outbox.set_online()
-        self._status_dirty.set()      # the main loop publishes "online" and flushes
-        log.info("connected (session present: %s); subscribed to %s, %s, %s",
-                 getattr(flags, "session_present", None), t.frames, t.labels, t.cmd)
-
-    def _on_subscribe(self, _client, _userdata, mid, reason_codes, _props) -> None:
-        if mid != self._sub_mid:
-            return
-        bad = [str(rc) for rc in reason_codes if rc.is_failure]
-        if bad:
-            log.error("the broker refused subscriptions (%s): check its ACL for %s",
-                      ", ".join(bad), self.topics.frames)
-        self._subscribed.set()
-
-    def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
-        self._connected.clear()
-        self._subscribed.clear()
-        self.metrics.connected.set(0)
-        self.outbox.set_offline()
-        if not self._stop.is_set():
-            log.warning("disconnected (%s); reconnecting", reason_code)
-
-    def _on_message(self, _client, _userdata, msg) -> None:
-        try:
-            device, kind = self.topics.parse(msg.topic)
-        except ValueError as exc:
-            self.metrics.dropped.inc(reason="bad_topic")
-            log.warning("%s", exc)
-            self.ack_now(msg.mid, msg.qos)
-            return
-        self.metrics.messages_received.inc(kind=kind)
-        if self._closed.is_set():           # shutting down: a label stays unacked, redelivered
-            return
-        item = Inbound(kind, device, msg.topic, msg.payload, time.monotonic(), msg.mid,
-                       msg.qos, self._gen, getattr(msg, "properties", None))
-        if kind == "frames":
-            try:
-                self._frames.put_nowait(item)
-            except queue.Full:
-                self.metrics.dropped.inc(reason="queue_full")
-                self.ack_now(msg.mid, msg.qos)
-                return
-        elif kind in ("labels", "cmd"):
-            if msg.qos == 0 and len(self._control) >= MAX_CONTROL:
-                self.metrics.dropped.inc(reason="control_queue_full")
-                return
-            self._control.append(item)
-            try:                             # wake the worker (full: it is busy anyway)
-                self._frames.put_nowait(_WAKE)
-            except queue.Full:
-                pass
-        else:                                # one of our own outbound kinds: ignore
-            self.ack_now(msg.mid, msg.qos)
-
-    def ack_now(self, mid: int, qos: int) -> None:
-        if qos == 1:
-            self._client.ack(mid, qos)
-
-    def ack(self, msg: Inbound) -> None:
-        """PUBACK a QoS 1 message, on the connection it arrived on only (after a reconnect
-        the broker redelivers it under a new packet id; the label key deduplicates)."""
-        if msg.qos != 1:
-            return
-        with self._lock:
-            if msg.gen != self._gen or not self._connected.is_set():
-                return
-        self._client.ack(msg.mid, msg.qos)
-
     # ------------------------------------------------------------------ worker loop
 
     def _work(self) -> None:
@@ -473,69 +386,6 @@ class Daemon:
     def status_changed(self) -> None:
         self._status_dirty.set()
 
-    def counters(self) -> dict:
-        m = self.metrics
-        totals = self.windows.totals()
-        return {"frames": int(m.frames.value()), "windows": int(m.windows.value()),
-                "predictions": int(m.predictions.value()), "novelty": int(m.novelty.value()),
-                "labels_learned": int(m.labels_learned.value()),
-                "labels_duplicate": int(m.labels_duplicate.value()),
-                "dropped": {k: int(v) for k, v in _by_label(m.dropped, "reason").items()},
-                "sequence": totals, "outbox_dropped": int(m.outbox_dropped.value())}
-
-    def status_body(self, state: str) -> dict:
-        learners = self.learners()
-        body = {"state": state, "agent": self.config.status_owner, "version": __version__,
-                "model": self.bundle.bundle_id, "ts": time.time(),
-                "uptime_s": round(time.time() - self.started_at, 1),
-                "devices": len(self.windows.buffers), "sleeping": self.sleeper.sleeping,
-                "counters": self.counters()}
-        if learners:
-            first = learners[0][1]
-            body.update(classes=list(first.classes),
-                        adapter_version=first.adapted_head.version,
-                        memory={"episodes": sum(len(L.memory) for _d, L in learners),
-                                "capacity": first.config.capacity, "learners": len(learners)})
-        else:
-            body.update(classes=list(self.bundle.classes), adapter_version=None)
-        return body
-
-    def status_body_bytes(self, state: str) -> bytes:
-        body = self.status_body(state)
-        return encode_status(**{**body, "state": state})
-
-    def _update_gauges(self) -> None:
-        m, learners = self.metrics, self.learners()
-        m.memory_episodes.set(sum(len(L.memory) for _d, L in learners))
-        m.classes.set(max((len(L.classes) for _d, L in learners),
-                          default=len(self.bundle.classes)))
-        m.adapter_version.set(max((L.adapted_head.version for _d, L in learners), default=0))
-        m.devices.set(len(self.windows.buffers))
-        m.outbox_depth.set(len(self.outbox))
-
-    def _write_health(self, force: bool = False, state: str = "running") -> None:
-        path = self.config.health_file
-        now = time.time()
-        if path is None or (not force and now - self._last_health < self.config.health_interval_s):
-            return
-        self._last_health = now
-        stalled = time.monotonic() - self.worker.last_beat > 10.0
-        body = {"ts": now, "pid": os.getpid(), "state": "stalled" if stalled and
-                state == "running" else state, "connected": self._connected.is_set(),
-                "sleeping": self.sleeper.sleeping, "counters": self.counters()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".health-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(body, f)
-        os.replace(tmp, path)
-
-
-def _by_label(counter, name: str) -> dict[str, float]:
-    """Every labelled value of a metrics Counter: {label value: count}."""
-    with counter._lock:
-        items = list(counter._values.items())
-    return {str(k[0]): v for k, v in items if k}
-
 
 def run_daemon(config: AgentConfig) -> int:
     """`reverie run`: build the daemon from a validated config and serve until SIGTERM."""
@@ -545,19 +395,3 @@ def run_daemon(config: AgentConfig) -> int:
         except OSError as exc:
             raise ConfigError(f"agent.state_dir={str(config.state_dir)!r}: {exc}") from None
     return Daemon(config).run_forever()
-
-
-def check_health(path: Path, max_age_s: float) -> tuple[bool, str]:
-    """Read the daemon's health file: healthy when fresh, running and connected."""
-    try:
-        body = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        return False, f"cannot read health file {path}: {exc}"
-    age = time.time() - float(body.get("ts", 0))
-    if body.get("state") != "running":
-        return False, f"daemon state is {body.get('state')!r}"
-    if age > max_age_s:
-        return False, f"health file is {age:.0f} s old (max {max_age_s:.0f} s): daemon stalled"
-    if not body.get("connected"):
-        return False, "daemon is not connected to the broker"
-    return True, f"ok ({age:.1f} s ago, counters {body.get('counters')})"
