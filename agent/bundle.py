@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,8 +104,9 @@ def _parse_input(raw: Any, path: Path) -> InputSpec:
                  path, f"input.channels must list {shape[0]} names")
         channels = tuple(channels)
     rate = raw.get("sample_rate_hz")
-    _require(rate is None or (isinstance(rate, int | float) and rate > 0), path,
-             f"input.sample_rate_hz={rate!r}, expected a positive number")
+    _require(rate is None or (isinstance(rate, int | float) and not isinstance(rate, bool)
+                              and math.isfinite(rate) and rate > 0), path,
+             f"input.sample_rate_hz={rate!r}, expected a positive finite number")
     return InputSpec(tuple(shape), channels, None if rate is None else float(rate))
 
 
@@ -133,17 +135,24 @@ def load_bundle(path: str | Path, *,
         raise BundleError(f"{path}: not a bundle directory")
     if not mpath.is_file():
         raise BundleError(f"{path}: missing {MANIFEST}")
-    raw = mpath.read_bytes()
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise BundleError(f"{mpath}: {len(raw)} bytes exceeds {MAX_MANIFEST_BYTES}")
+    try:    # the size first: a huge manifest is refused without being read
+        size = mpath.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{mpath}: {size} bytes exceeds {MAX_MANIFEST_BYTES}")
+        with open(mpath, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise BundleError(f"{mpath}: cannot read ({exc.strerror or exc})") from None
+    if len(raw) > MAX_MANIFEST_BYTES:     # grew since the stat
+        raise BundleError(f"{mpath}: more than {MAX_MANIFEST_BYTES} bytes")
     signed_by = signing.verify_manifest(raw, path / SIGNATURE, keys) if keys else None
     try:
         manifest = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nesting
         raise BundleError(f"{mpath}: not valid JSON ({exc})") from None
     _require(isinstance(manifest, dict), path, "must be a JSON object")
     version = manifest.get("format_version")
-    _require(version == FORMAT_VERSION, path,
+    _require(version == FORMAT_VERSION and not isinstance(version, bool), path,
              f"format_version={version!r}, this agent reads {FORMAT_VERSION}")
 
     files = manifest.get("files")
@@ -159,7 +168,10 @@ def load_bundle(path: str | Path, *,
         fpath = path / name
         if not fpath.is_file():
             raise BundleError(f"{path}: file {name!r} listed in the manifest is missing")
-        digest = sha256_file(fpath)
+        try:
+            digest = sha256_file(fpath)
+        except OSError as exc:
+            raise BundleError(f"{fpath}: cannot read ({exc.strerror or exc})") from None
         if digest != meta["sha256"]:
             raise BundleError(
                 f"{fpath}: sha256 mismatch (manifest {meta['sha256'][:12]}..., file {digest[:12]}...):"
@@ -180,8 +192,11 @@ def load_bundle(path: str | Path, *,
 def unlisted_files(path: Path, files: dict[str, Any]) -> list[str]:
     """Names in the bundle directory that are neither listed in ``files`` nor the manifest
     or its signature."""
-    return sorted(p.name for p in path.iterdir()
-                  if p.name not in files and p.name not in (MANIFEST, SIGNATURE))
+    try:
+        names = [p.name for p in path.iterdir()]
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot list ({exc.strerror or exc})") from None
+    return sorted(n for n in names if n not in files and n not in (MANIFEST, SIGNATURE))
 
 
 def _check_unlisted(path: Path, files: dict[str, Any], strict: bool) -> None:

@@ -10,11 +10,18 @@ says what to install instead of failing with an ImportError.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib.metadata import entry_points
 
-from agent import __version__
-from agent.errors import ReverieError
+# Before numpy loads OpenBLAS: one BLAS thread. On a 2-4 core device the daemon's small
+# matmuls (a batch of latents x the head) ran 3-4x slower with a thread pool fighting the
+# worker, the network thread and onnxruntime for the cores (bench e2e profile).
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+from agent import __version__  # noqa: E402 - after the BLAS thread setting
+from agent.errors import ReverieError  # noqa: E402
 
 ENTRY_POINT_GROUP = "reverie.commands"
 

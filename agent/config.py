@@ -168,9 +168,12 @@ class AgentConfig:
     health_interval_s: float = 5.0
     log_level: str = "info"
     log_format: str = "text"           # "text" or "json"
+    commands_from: str = "any"         # state-changing commands: "any" served device's cmd topic, or only the "agent"'s own
+    commands_key_file: Path | None = None  # HMAC-SHA256 key: state-changing commands must be signed
+    commands_max_age_s: float = 300.0  # a signed command's "ts" may be this old (or this far ahead)
 
     def __post_init__(self) -> None:
-        for name in ("bundle", "state_dir", "health_file"):
+        for name in ("bundle", "state_dir", "health_file", "commands_key_file"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         _need(self.bundle is not None, "agent.bundle", self.bundle, "a bundle directory")
@@ -193,6 +196,9 @@ class AgentConfig:
                           ("sleep", SleepSchedule)):
             _need(isinstance(getattr(self, name), cls), name, getattr(self, name), cls.__name__)
         _seconds(self, "checkpoint_interval_s", "checkpoint.interval_s")
+        _need(self.commands_from in ("any", "agent"), "commands.from", self.commands_from,
+              "'any' (every served device's cmd topic) or 'agent' (only the agent's own)")
+        _seconds(self, "commands_max_age_s", "commands.max_age_s")
         _seconds(self, "health_interval_s", "health.interval_s")
         if self.metrics_listen is not None:
             try:

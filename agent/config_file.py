@@ -56,6 +56,7 @@ KEYS: dict[str, _Key] = {
     "metrics.listen": _OS,
     "health.file": _OP, "health.interval_s": _F,
     "logging.level": _S, "logging.format": _S,
+    "commands.from": _S, "commands.key_file": _OP, "commands.max_age_s": _F,
 }
 SECTIONS = tuple(dict.fromkeys(k.split(".")[0] for k in KEYS))
 ENV_VARS = {f"REVERIE_{k.replace('.', '_').upper()}": k for k in KEYS}
@@ -73,7 +74,8 @@ CONFIG_ENV = "REVERIE_CONFIG"
 _FIELD = {"agent.learner": "learner_mode", "checkpoint.interval_s": "checkpoint_interval_s",
           "metrics.listen": "metrics_listen", "health.file": "health_file",
           "health.interval_s": "health_interval_s", "logging.level": "log_level",
-          "logging.format": "log_format"}
+          "logging.format": "log_format", "commands.from": "commands_from",
+          "commands.key_file": "commands_key_file", "commands.max_age_s": "commands_max_age_s"}
 _TLS = {"broker.ca_file": "ca_file", "broker.cert_file": "cert_file",
         "broker.key_file": "key_file", "broker.tls_insecure": "insecure"}
 _CREDENTIALS = ("broker.username", "broker.password", "broker.password_file")

@@ -29,6 +29,7 @@ import signal
 import threading
 import time
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 
@@ -108,6 +109,7 @@ class Daemon(StatusMixin, MqttCallbacks):
         for device in self.history.devices():
             self.windows.set_start_index(device, self.history.last_index(device) + 1 + gap)
         self.topics = Topics(config.device_id, config.prefix)
+        self.command_key = _read_key(config.commands_key_file)
         self.own_topics = Topics(config.status_owner, config.prefix)
         self.scheduler = SleepScheduler(config.sleep)
         self.sleeper = Sleeper(self)
@@ -144,6 +146,10 @@ class Daemon(StatusMixin, MqttCallbacks):
         self._metrics_server = (MetricsServer(self.registry, config.metrics_listen)
                                 if config.metrics_listen else None)
         self.metrics.memory_capacity.set(self._learner_cfg.capacity)
+        # Bound once: the network thread increments these for every message.
+        self._received = {k: self.metrics.messages_received.labels(kind=k)
+                          for k in ("frames", "labels", "cmd")}
+        self._queue_full = self.metrics.dropped.labels(reason="queue_full")
         self._last_health = 0.0
         self._last_poll = 0.0
         self._last_history_save = time.monotonic()
@@ -385,6 +391,19 @@ class Daemon(StatusMixin, MqttCallbacks):
 
     def status_changed(self) -> None:
         self._status_dirty.set()
+
+
+def _read_key(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        key = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"commands.key_file={str(path)!r}: {exc}") from None
+    if len(key) < 16:
+        raise ConfigError(f"commands.key_file={str(path)!r}: {len(key)} bytes, expected a "
+                          "key of at least 16 bytes")
+    return key
 
 
 def run_daemon(config: AgentConfig) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import time
 
 from agent.worker import Inbound
@@ -12,6 +13,18 @@ from agent.worker import Inbound
 log = logging.getLogger("reverie.daemon")
 _WAKE = object()              # put in the frame queue to wake the worker for a label/command
 MAX_CONTROL = 4096            # queued labels/commands (QoS 1 ones are bounded by the broker)
+
+
+def set_nodelay(client) -> None:
+    """TCP_NODELAY on the client's socket: paho leaves Nagle on, which holds small
+    publications (a prediction) back for up to 40 ms waiting for an ACK."""
+    sock = client.socket()
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):   # e.g. an SSL socket wrapper without it: not fatal
+        pass
 
 
 class MqttCallbacks:
@@ -23,6 +36,7 @@ class MqttCallbacks:
             return
         with self._lock:
             self._gen += 1
+        set_nodelay(client)
         self._connects += 1
         if self._connects > 1:
             self.metrics.reconnects.inc()
@@ -60,7 +74,9 @@ class MqttCallbacks:
             log.warning("%s", exc)
             self.ack_now(msg.mid, msg.qos)
             return
-        self.metrics.messages_received.inc(kind=kind)
+        counter = self._received.get(kind)
+        if counter is not None:
+            counter.inc()
         if self._closed.is_set():           # shutting down: a label stays unacked, redelivered
             return
         item = Inbound(kind, device, msg.topic, msg.payload, time.monotonic(), msg.mid,
@@ -69,7 +85,7 @@ class MqttCallbacks:
             try:
                 self._frames.put_nowait(item)
             except queue.Full:
-                self.metrics.dropped.inc(reason="queue_full")
+                self._queue_full.inc()
                 self.ack_now(msg.mid, msg.qos)
                 return
         elif kind in ("labels", "cmd"):

@@ -16,19 +16,31 @@ key                meaning
 
 Labels are normalised to integer indices into ``classes`` (strings). A file that breaks
 the format raises DatasetError whose one-line message names the key, shape or dtype.
+
+`read_npz` reads the zip itself rather than through ``np.load``: each member's ``.npy``
+header is checked against the bytes the member really holds *before* anything is
+allocated, so a header declaring a terabyte (or a member that is no array at all, or an
+object array that would need pickle) is an error naming the key, never a MemoryError.
+It is shared with the other NPZ readers (bundle exemplars) through its ``error`` class.
 """
 
 from __future__ import annotations
 
+import math
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from agent.errors import DatasetError
+from agent.errors import DatasetError, ReverieError
 
 KNOWN_KEYS = {"X", "y", "X_test", "y_test", "classes", "channels", "sample_rate_hz"}
+MAX_NPZ_BYTES = 4 * 2**30     # uncompressed array bytes read from one file (a zip bomb stops here)
+MAX_CLASSES = 100_000         # integer labels without ``classes`` name at most this many
+_ZIP_ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error,
+               NotImplementedError, RuntimeError)   # RuntimeError: an encrypted member
 
 
 @dataclass(frozen=True)
@@ -51,7 +63,10 @@ def _as_strings(arr: np.ndarray, key: str) -> tuple[str, ...]:
         raise DatasetError(f"{key}: expected a 1-D array of strings, got shape {arr.shape}")
     if arr.dtype.kind not in "US":
         raise DatasetError(f"{key}: expected strings, got dtype {arr.dtype}")
-    out = tuple(str(s.decode() if isinstance(s, bytes) else s) for s in arr.tolist())
+    try:
+        out = tuple(str(s.decode() if isinstance(s, bytes) else s) for s in arr.tolist())
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{key}: a byte string is not UTF-8 ({exc})") from None
     if any(not s for s in out):
         raise DatasetError(f"{key}: contains an empty string")
     return out
@@ -64,7 +79,8 @@ def _check_X(X: np.ndarray, key: str) -> np.ndarray:
         raise DatasetError(f"{key}: expected shape (N, C, T) or (N, F), got {X.shape}")
     if X.shape[0] == 0 or any(d == 0 for d in X.shape[1:]):
         raise DatasetError(f"{key}: has an empty dimension, shape {X.shape}")
-    X = X.astype(np.float32)
+    with np.errstate(over="ignore"):     # too large for float32: Inf, refused below
+        X = X.astype(np.float32)
     bad = ~np.isfinite(X)
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -77,16 +93,19 @@ def _labels(y: np.ndarray, key: str, n: int, classes: tuple[str, ...] | None
     if y.ndim != 1 or y.shape[0] != n:
         raise DatasetError(f"{key}: expected shape ({n},), got {y.shape}")
     if y.dtype.kind in "iu":
-        y = y.astype(np.int64)
+        lo, hi = int(y.min()), int(y.max())    # Python ints: a uint64 label cannot wrap
         if classes is None:
-            if y.min() < 0:
-                raise DatasetError(f"{key}: negative label {int(y.min())} (no 'classes' given)")
-            classes = tuple(str(i) for i in range(int(y.max()) + 1))
-        bad = (y < 0) | (y >= len(classes))
-        if bad.any():
+            if lo < 0:
+                raise DatasetError(f"{key}: negative label {lo} (no 'classes' given)")
+            if hi >= MAX_CLASSES:
+                raise DatasetError(f"{key}: label {hi} implies {hi + 1} classes, at most "
+                                   f"{MAX_CLASSES} without a 'classes' array")
+            classes = tuple(str(i) for i in range(hi + 1))
+        if lo < 0 or hi >= len(classes):
+            bad_label = lo if lo < 0 else hi
             raise DatasetError(
-                f"{key}: label {int(y[bad][0])} outside 0..{len(classes) - 1} (len(classes)={len(classes)})")
-        return y, classes
+                f"{key}: label {bad_label} outside 0..{len(classes) - 1} (len(classes)={len(classes)})")
+        return y.astype(np.int64), classes
     if y.dtype.kind in "US":
         names = _as_strings(y, key)
         if classes is None:
@@ -97,6 +116,68 @@ def _labels(y: np.ndarray, key: str, n: int, classes: tuple[str, ...] | None
             raise DatasetError(f"{key}: label(s) {unknown[:5]} not in classes")
         return np.array([index[s] for s in names], dtype=np.int64), classes
     raise DatasetError(f"{key}: expected integer or string labels, got dtype {y.dtype}")
+
+
+def read_npz(path: str | Path, error: type[ReverieError] = DatasetError, *,
+             max_bytes: int = MAX_NPZ_BYTES) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file by key; `error` (e.g. DatasetError, BundleError)
+    names the member for anything that is not a plain ``.npy`` array whose header matches
+    the bytes it holds: no pickle (object dtype), no allocation beyond what the member
+    really holds, at most `max_bytes` of array data in all.
+
+    >>> read_npz("data.npz")["X"].shape             # doctest: +SKIP
+    (600, 6, 128)
+    """
+    path = Path(path)
+    try:
+        zf = zipfile.ZipFile(path)
+    except _ZIP_ERRORS as exc:
+        raise error(f"{path}: not a readable .npz (zip) file ({exc})") from None
+    arrays: dict[str, np.ndarray] = {}
+    total = 0
+    with zf:
+        for info in zf.infolist():
+            key = info.filename.removesuffix(".npy")
+            if key in arrays:
+                raise error(f"{path}: key {key!r} appears twice")
+            try:
+                arrays[key] = _read_member(zf, info, max_bytes - total, max_bytes)
+            except _ZIP_ERRORS as exc:
+                raise error(f"{path}: member {info.filename!r} is not a readable .npy "
+                            f"array ({exc})") from None
+            total += arrays[key].nbytes
+    return arrays
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int,
+                 max_bytes: int) -> np.ndarray:
+    """One ``.npy`` member; ValueError (with the reason) for anything else."""
+    fmt = np.lib.format
+    with zf.open(info) as f:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+        if dtype.hasobject:
+            raise ValueError(f"dtype {dtype} holds Python objects (needs pickle: refused)")
+        if any(d < 0 for d in shape) or dtype.itemsize == 0:
+            raise ValueError(f"shape {shape} of dtype {dtype} is not a plain array")
+        nbytes = math.prod(shape) * dtype.itemsize
+        held = info.file_size - f.tell()
+        if nbytes != held:
+            raise ValueError(f"header declares shape {shape} {dtype} = {nbytes} bytes, "
+                             f"the member holds {held}")
+        if nbytes > budget:
+            raise ValueError(f"{nbytes} bytes of array data exceed what is left of the "
+                             f"{max_bytes}-byte limit (max_bytes)")
+        data = f.read(nbytes)
+        if len(data) != nbytes or f.read(1):      # reading to the end checks the CRC
+            raise ValueError(f"member holds {len(data)} bytes, expected {nbytes}")
+    arr = np.frombuffer(data, dtype=dtype)
+    return arr.reshape(shape, order="F" if fortran else "C").copy()
 
 
 def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -121,13 +202,7 @@ def load_dataset(path: str | Path, *, test_fraction: float = 0.2, seed: int = 0)
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except ValueError as exc:  # object arrays need pickle: refused
-        raise DatasetError(f"{path}: cannot load without pickle ({exc})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise DatasetError(f"{path}: not a readable .npz file ({exc})") from None
+    arrays = read_npz(path, DatasetError)
     for key in ("X", "y"):
         if key not in arrays:
             raise DatasetError(f"{path}: missing key {key!r} (found {sorted(arrays)})")

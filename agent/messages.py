@@ -63,6 +63,30 @@ class CommandMsg:
     cmd: str
     budget_s: float | None = None
     to_version: int | None = None
+    ts: float | None = None          # signed commands: when it was issued (epoch seconds)
+    sig: str | None = None           # hex HMAC-SHA256 of `signed_bytes`
+    signed_bytes: bytes = b""        # the canonical JSON the signature covers
+
+    @property
+    def changes_state(self) -> bool:
+        return self.cmd in STATE_CHANGING
+
+
+STATE_CHANGING = ("sleep", "snapshot", "rollback")
+
+
+def canonical_command(body: dict) -> bytes:
+    """What a command signature covers: the JSON object without "sig", keys sorted, no
+    spaces (``json.dumps(body, sort_keys=True, separators=(",", ":"))``)."""
+    return json.dumps({k: v for k, v in body.items() if k != "sig"}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def sign_command(body: dict, key: bytes) -> dict:
+    """`body` with ``"sig"`` added (for operators' tools and tests)."""
+    import hmac
+
+    return {**body, "sig": hmac.new(key, canonical_command(body), "sha256").hexdigest()}
 
 
 def _load(payload: bytes, what: str, max_bytes: int) -> dict:
@@ -165,7 +189,7 @@ def decode_label(payload: bytes, *, max_bytes: int) -> LabelMsg:
 def decode_command(payload: bytes, *, max_bytes: int = 4096) -> CommandMsg:
     """Decode a command message (see the module docstring)."""
     obj = _load(payload, "command", max_bytes)
-    unknown = sorted(set(obj) - {"id", "cmd", "budget_s", "to_version"})
+    unknown = sorted(set(obj) - {"id", "cmd", "budget_s", "to_version", "ts", "sig"})
     if unknown:
         raise ProtocolError("unknown_field", f"command has unknown field(s) {unknown}")
     cmd = obj.get("cmd")
@@ -180,7 +204,14 @@ def decode_command(payload: bytes, *, max_bytes: int = 4096) -> CommandMsg:
                                    or to_version < 0):
         raise ProtocolError("bad_to_version", f"command to_version={to_version!r}: expected "
                             "an integer >= 0")
-    return CommandMsg(mid, cmd, budget, to_version)
+    ts = _number(obj, "ts", "command")
+    sig = obj.get("sig")
+    if sig is not None and (not isinstance(sig, str) or len(sig) != 64
+                            or any(c not in "0123456789abcdef" for c in sig)):
+        raise ProtocolError("bad_sig", "command sig: expected 64 lower-case hex digits "
+                            "(HMAC-SHA256)")
+    return CommandMsg(mid, cmd, budget, to_version, ts, sig,
+                      canonical_command(obj) if sig is not None else b"")
 
 
 def encode_reply(*, id: str, cmd: str, ok: bool, ts: float, **result: object) -> bytes:

@@ -90,14 +90,14 @@ class Worker:
                 self.reject(msg, "too_many_devices", str(exc))
                 continue
             m.frames.inc()
-            before = wb.counters.as_dict()
+            c = wb.counters
+            before = (c.reordered, c.gaps, c.duplicates)
             for w in wb.push(frame.seq, frame.ts, frame.values):
                 pending.append((msg.device, w, msg.arrival))
-            after = wb.counters.as_dict()
-            for key, metric in (("reordered", m.frames_reordered), ("gaps", m.frame_gaps),
-                                ("duplicates", m.frames_duplicate)):
-                if after.get(key, 0) != before.get(key, 0):
-                    metric.inc(after[key] - before[key])
+            if (c.reordered, c.gaps, c.duplicates) != before:
+                m.frames_reordered.inc(c.reordered - before[0])
+                m.frame_gaps.inc(c.gaps - before[1])
+                m.frames_duplicate.inc(c.duplicates - before[2])
         if batch:
             d.scheduler.on_frames(len(batch))
         if not pending:
@@ -302,6 +302,9 @@ class Worker:
             return
         try:
             ok, result = True, self._run_command(msg.device, cmd)
+        except PermissionError as exc:
+            self.reject(msg, "not_authorized", str(exc))
+            ok, result = False, {"error": str(exc), "reason": "not_authorized"}
         except (ReverieError, OSError, ValueError, OverflowError) as exc:
             ok, result = False, {"error": str(exc)}
         if cmd.id:
@@ -311,8 +314,34 @@ class Worker:
         self.reply(msg, cmd, ok, **result)
         d.ack(msg)
 
+    def _authorize(self, device: str, cmd: CommandMsg) -> None:
+        """State-changing commands: only on the allowed topics, and signed when a key is
+        configured (commands.from, commands.key_file; docs/operations.md, Security)."""
+        cfg = self.cfg
+        if not cmd.changes_state:
+            return
+        if cfg.commands_from == "agent" and device != cfg.status_owner:
+            raise PermissionError(f"{cmd.cmd!r} is accepted only on the agent's own topic "
+                                  f"{self.d.own_topics.cmd} (commands.from = \"agent\")")
+        key = self.d.command_key
+        if key is None:
+            return
+        import hmac
+
+        if cmd.sig is None or cmd.ts is None or not cmd.id:
+            raise PermissionError(f"{cmd.cmd!r} must be signed: id, ts and sig "
+                                  "(commands.key_file is set)")
+        want = hmac.new(key, cmd.signed_bytes, "sha256").hexdigest()
+        if not hmac.compare_digest(want, cmd.sig):
+            raise PermissionError(f"{cmd.cmd!r}: bad signature")
+        age = time.time() - cmd.ts
+        if abs(age) > cfg.commands_max_age_s:
+            raise PermissionError(f"{cmd.cmd!r}: ts is {age:.0f} s off the agent's clock "
+                                  f"(commands.max_age_s = {cfg.commands_max_age_s:g})")
+
     def _run_command(self, device: str, cmd: CommandMsg) -> dict:
         d = self.d
+        self._authorize(device, cmd)
         if cmd.cmd == "status":
             return {"status": d.status_body("online")}
         if cmd.cmd == "sleep":

@@ -1,4 +1,5 @@
-"""``reverie sim``: simulated devices over MQTT, and ``reverie sim dataset``: a training set.
+"""``reverie sim``: simulated devices over MQTT (``--scenario``: a scenario), ``reverie sim
+replay``: a dataset streamed as a device, and ``reverie sim dataset``: a training set.
 
 Registered through the ``reverie.commands`` entry point (pyproject.toml). Importing this
 module stays cheap: numpy, paho and the simulator load only when a command runs.
@@ -15,13 +16,21 @@ EPILOG = """\
 modes:
   reverie sim [options]               stream frames from simulated devices until --duration
                                       has passed (or Ctrl-C); prints stats at the end
+  reverie sim --scenario NAME|FILE    run a scenario (firmware_sim/scenarios, or a TOML
+                                      file): devices, impairments, labels, sleeps
+  reverie sim replay --data D.npz --device ID --rate HZ
+                                      stream a dataset's windows as one device's frames,
+                                      with its labels through the label oracle
   reverie sim dataset --out D.npz     write a labelled dataset of independent windows of
                                       the same signal classes, for `reverie export`
 
 examples:
   reverie sim --devices 3 --duration 30 --speed 2
+  reverie sim --scenario smoke --speed 4
+  reverie sim replay --data data/imu.npz --device rec-1 --rate 50 --labels 0.2 --loop
   reverie sim --broker mqtt://gateway:1883 --encoding binary --classes idle,walk,run
   reverie sim dataset --out data/imu.npz --n-per-class 300 --classes idle,walk,run,stairs
+  reverie sim dataset --model vibration --out data/vib.npz --window 256
 """
 
 
@@ -48,18 +57,25 @@ def register_sim(subparsers: argparse._SubParsersAction) -> None:
         description="Simulated 6-channel IMU devices (50 Hz) publishing sensor frames to "
                     "{prefix}/{device}/frames, each switching between activity classes "
                     "at random.",
-        usage="reverie sim [options]\n       reverie sim dataset --out D.npz [options]",
+        usage="reverie sim [options]\n       reverie sim --scenario NAME|FILE [options]\n"
+              "       reverie sim replay --data D.npz --device ID [--rate HZ] [options]\n"
+              "       reverie sim dataset --out D.npz [options]",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--broker", default=DEFAULT_BROKER, metavar="URL",
                    help=f"MQTT broker URL (default: {DEFAULT_BROKER})")
-    p.add_argument("--devices", type=_positive(int), default=1, metavar="N",
-                   help="number of devices, ids sim-000, sim-001, ... (default: 1)")
+    p.add_argument("--scenario", default=None, metavar="NAME|FILE",
+                   help="run this scenario (a shipped name or a .toml file) instead of "
+                        "random activities")
+    p.add_argument("--devices", type=_positive(int), default=None, metavar="N",
+                   help="number of devices, ids sim-000, sim-001, ... (default: 1, or the "
+                        "scenario's)")
     p.add_argument("--duration", type=float, default=0.0, metavar="S",
-                   help="wall-clock seconds to run; 0 runs until Ctrl-C (default: 0)")
+                   help="wall-clock seconds to run; 0 runs until Ctrl-C, or a scenario to "
+                        "its end (default: 0)")
     p.add_argument("--speed", type=_positive(float), default=1.0, metavar="X",
                    help="time scale: X times real time (default: 1)")
-    p.add_argument("--encoding", choices=("json", "binary"), default="json",
-                   help="frame encoding (default: json)")
+    p.add_argument("--encoding", choices=("json", "binary"), default="binary",
+                   help="frame encoding (default: binary)")
     p.add_argument("--frame-samples", type=_positive(int), default=16, metavar="N",
                    help="samples per frame (default: 16)")
     p.add_argument("--classes", type=_classes, default=None, metavar="A,B,..",
@@ -75,8 +91,12 @@ def register_sim(subparsers: argparse._SubParsersAction) -> None:
     modes = p.add_subparsers(dest="sim_mode", metavar="MODE")
     d = modes.add_parser("dataset", help="write a labelled NPZ dataset and exit",
                          description="Write independent windows of the simulator's signal "
-                                     "classes in the NPZ dataset format (X: N x 6 x window).")
+                                     "classes in the NPZ dataset format (X: N x channels x "
+                                     "window).")
     d.add_argument("--out", required=True, metavar="D.npz", help="output file")
+    d.add_argument("--model", default=None, metavar="NAME",
+                   help="sensor model of firmware_sim.sensors: imu, vibration or environment "
+                        "(default: the 6-class IMU generator the simulator streams)")
     d.add_argument("--n-per-class", type=_positive(int), default=200, metavar="N",
                    help="windows per class (default: 200)")
     d.add_argument("--window", type=_positive(int), default=128, metavar="T",
@@ -86,26 +106,71 @@ def register_sim(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     d.set_defaults(func=_run_dataset)
 
+    r = modes.add_parser("replay", help="stream an NPZ dataset as one device's frames",
+                         description="Stream every window of an NPZ dataset (X: N x C x T), "
+                                     "in a seeded order, as one device's frames, with its "
+                                     "labels published through the label oracle.")
+    r.add_argument("--data", required=True, metavar="D.npz", help="the dataset")
+    r.add_argument("--device", required=True, metavar="ID", help="the device id")
+    r.add_argument("--rate", type=_positive(float), default=None, metavar="HZ",
+                   help="sample rate (default: the dataset's sample_rate_hz)")
+    r.add_argument("--frame-samples", type=_positive(int), default=16, metavar="N",
+                   help="samples per frame (default: 16)")
+    r.add_argument("--labels", type=float, default=0.1, metavar="FRACTION",
+                   help="fraction of class segments labelled (default: 0.1)")
+    r.add_argument("--label-delay", type=float, default=5.0, metavar="S",
+                   help="seconds from a segment's end to its label (default: 5)")
+    r.add_argument("--loop", action="store_true", help="start over at the end (new order)")
+    r.add_argument("--duration", type=float, default=0.0, metavar="S",
+                   help="wall-clock seconds to run; 0: to the end, or until Ctrl-C with "
+                        "--loop (default: 0)")
+    r.add_argument("--broker", default=DEFAULT_BROKER, metavar="URL",
+                   help=f"MQTT broker URL (default: {DEFAULT_BROKER})")
+    r.add_argument("--speed", type=_positive(float), default=1.0, metavar="X",
+                   help="time scale: X times real time (default: 1)")
+    r.add_argument("--encoding", choices=("json", "binary"), default="binary",
+                   help="frame encoding (default: binary)")
+    r.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    r.add_argument("--prefix", default="reverie/v1", help="topic prefix (default: reverie/v1)")
+    r.add_argument("--protocol", choices=("5", "3.1.1"), default="5",
+                   help="MQTT protocol version (default: 5)")
+    r.set_defaults(func=_run_replay)
+
 
 def _run_dataset(args: argparse.Namespace) -> int:
     from agent.errors import ConfigError
-    from firmware_sim.signals import CLASSES, write_dataset
 
-    try:
-        path = write_dataset(args.out, args.n_per_class, args.window, args.classes, args.seed)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    names = args.classes or CLASSES
-    print(f"wrote {path}: {args.n_per_class * len(names)} windows of 6 x {args.window} "
+    if args.model is not None:
+        from agent.dataset import save_dataset
+        from firmware_sim.sensors import get_model, make_dataset
+
+        model = get_model(args.model)
+        X, y, names = make_dataset(model, args.n_per_class, args.window, args.seed, args.classes)
+        path = save_dataset(args.out, X, y, classes=names, channels=model.channels,
+                            sample_rate_hz=model.rate_hz)
+        shape = f"{len(model.channels)} x {args.window}"
+    else:
+        from firmware_sim.signals import CLASSES, write_dataset
+
+        try:
+            path = write_dataset(args.out, args.n_per_class, args.window, args.classes,
+                                 args.seed)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        names = args.classes or CLASSES
+        shape = f"6 x {args.window}"
+    print(f"wrote {path}: {args.n_per_class * len(names)} windows of {shape} "
           f"samples, classes {','.join(names)}")
     return 0
 
 
 def _run_sim(args: argparse.Namespace) -> int:
+    if args.scenario is not None:
+        return _run_scenario(args)
     from firmware_sim.signals import SAMPLE_RATE_HZ
     from firmware_sim.sim import Simulator
 
-    sim = Simulator(args.broker, args.devices, args.duration or None, prefix=args.prefix,
+    sim = Simulator(args.broker, args.devices or 1, args.duration or None, prefix=args.prefix,
                     frame_samples=args.frame_samples, speed=args.speed,
                     encoding=args.encoding, seed=args.seed, classes=args.classes,
                     segment_s=tuple(sorted(args.segment)), protocol=args.protocol)
@@ -114,18 +179,72 @@ def _run_sim(args: argparse.Namespace) -> int:
     print(f"sim: {len(sim.devices)} device(s) ({ids}) -> {sim.broker} "
           f"{args.prefix}/<device>/frames, {args.encoding}, {args.frame_samples} samples/frame "
           f"at {SAMPLE_RATE_HZ * args.speed:g} Hz, {until}", flush=True)
+    _report(_wait(sim))
+    return 0
+
+
+def _wait(sim, duration_s: float = 0.0):
+    """Start `sim` (anything with start/stop/join) and wait: to its end, `duration_s` of
+    wall time, or Ctrl-C. Its SimStats."""
+    import time
+
     sim.start()
+    deadline = time.monotonic() + duration_s if duration_s > 0 else None
     try:
         stats = None
         while stats is None:
-            stats = sim.join(timeout=0.5)
+            if deadline is not None and time.monotonic() >= deadline:
+                sim.stop()
+            stats = sim.join(timeout=0.2)
     except KeyboardInterrupt:
         sim.stop()
         stats = sim.join()
+    return stats
+
+
+def _report(stats) -> None:
     total = sum(stats.frames_sent.values())
     print(f"sim: sent {total} frames ({stats.bytes_sent} bytes) in {stats.elapsed_s:.1f} s, "
           f"{stats.sample_rate_hz:.1f} of {stats.target_sample_rate_hz:g} samples/s per device, "
           f"dropped {stats.frames_dropped}, max lag {stats.max_lag_s * 1000:.0f} ms")
     if stats.frames_dropped:
         print("sim: some frames were dropped (broker connection lost?)", file=sys.stderr)
+
+
+def _run_scenario(args: argparse.Namespace) -> int:
+    import json
+
+    from firmware_sim.runner import ScenarioRunner
+
+    def on_event(ev: dict) -> None:
+        detail = {k: v for k, v in ev.items() if k not in ("type", "t_s", "ts")}
+        print(f"sim: t={ev['t_s']:.1f} s {ev['type']} {json.dumps(detail)}", flush=True)
+
+    runner = ScenarioRunner(args.scenario, args.broker, prefix=args.prefix,
+                            protocol=args.protocol, speed=args.speed, devices=args.devices,
+                            encoding=args.encoding, on_event=on_event)
+    sc = runner.scenario
+    print(f"sim: scenario {sc.name!r} ({sc.description}): {len(runner.devices)} {sc.model} "
+          f"device(s) -> {runner.engine.broker} {args.prefix}/<device>/frames, "
+          f"{sc.duration_s:g} s at {args.speed:g}x, {runner.rate_hz:g} Hz, "
+          f"{sc.frame_samples} samples/frame", flush=True)
+    _report(_wait(runner, args.duration))
+    print("sim: " + json.dumps(runner.summary()))
+    return 0
+
+
+def _run_replay(args: argparse.Namespace) -> int:
+    from firmware_sim.replay import Replay
+
+    replay = Replay(args.data, args.broker, device=args.device, rate_hz=args.rate,
+                    frame_samples=args.frame_samples, labels=args.labels,
+                    label_delay_s=args.label_delay, loop=args.loop, speed=args.speed,
+                    seed=args.seed, prefix=args.prefix, protocol=args.protocol,
+                    encoding=args.encoding)
+    n, c, t = replay.X.shape
+    print(f"sim replay: {args.data}: {n} windows of {c} x {t} as {args.device} -> "
+          f"{replay.engine.broker} {replay.topics.frames} at {replay.rate_hz:g} Hz x "
+          f"{args.speed:g}{', looping' if args.loop else ''}", flush=True)
+    _report(_wait(replay, args.duration))
+    print(f"sim replay: {replay.labels_sent} label(s) published")
     return 0

@@ -1,49 +1,75 @@
-"""``reverie demo``: the whole loop on one machine, in under three minutes.
+"""``reverie demo``: watch the agent learn new classes, on one machine, in a few minutes.
 
-1. an embedded broker (a private mosquitto if the binary exists, else in-process amqtt),
-   or ``--broker URL``;
-2. a base model trained on simulated sensor data on first run (cached afterwards);
-3. the agent daemon (``reverie run``, a real subprocess) serving every device;
-4. simulated devices streaming frames whose class changes over time;
-5. live: what the agent predicts for each window against the simulator's truth.
+1. a broker: a private mosquitto (else in-process amqtt), or ``--broker URL``;
+2. a base model trained on the scenario's *base* classes the first time (cached under
+   ``--out``/models, keyed by the scenario's model, parameters, classes and window and by
+   the code that generates and trains: a change to any of them retrains);
+3. the agent daemon (``reverie run``, a real subprocess, gateway mode) with a fresh state
+   directory, a short sleep budget and /metrics on a free port;
+4. the scenario (`firmware_sim.runner.ScenarioRunner`): devices stream, new classes appear,
+   labels arrive sparsely through the oracle, sleep commands at the scenario's times;
+5. a live dashboard (`firmware_sim.dashboard`) of the agent's predictions scored against
+   the runner's ground truth (`firmware_sim.report.Scoreboard`);
+6. at the end, ``<out>/<scenario>.png`` and ``<out>/<scenario>.json`` (`write_report`).
+
+Every run uses its own topic prefix (``reverie/demo-<hex>``), so a shared broker's other
+traffic, retained messages or a previous run cannot leak into the scores.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections import Counter, deque
+import urllib.request
+import uuid
 from pathlib import Path
 
-DEMO_BUNDLE_NAME = "demo-base-v2"  # bump when the simulator or the demo's model changes
+from agent.errors import ConfigError
+
+DEFAULT_SCENARIO = "wearable-imu"
+SHORT_SCENARIO = "smoke"
+TARGET_STREAM_WALL_S = 60.0      # default --speed: the stream takes about this long
+SHORT_STREAM_WALL_S = 12.0
+N_PER_CLASS, EPOCHS = 200, 30    # base-model training: seconds on 2 cores
+SLEEP_BUDGET_S = 5.0             # per commanded sleep (wall s): demo-sized
+RECIPE = 3                       # bump when the training recipe below changes
+ONLINE_TIMEOUT_S = 60.0
+TAIL_QUIET_S, TAIL_MAX_S = 1.5, 15.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="local demo: broker, base model, agent and simulated devices",
+    p = sub.add_parser("demo", help="local demo: the agent learns new classes on a simulated scenario",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--broker", default=None,
+    p.add_argument("--scenario", default=None, metavar="NAME|FILE",
+                   help=f"a shipped scenario or a TOML file (default {DEFAULT_SCENARIO}; "
+                        f"--short: {SHORT_SCENARIO})")
+    p.add_argument("--short", action="store_true",
+                   help=f"the {SHORT_SCENARIO!r} scenario, fast (~30 s; what the tests run)")
+    p.add_argument("--broker", default=None, metavar="URL",
                    help="use this broker instead of starting an embedded one (mqtt://HOST:PORT)")
-    p.add_argument("--devices", type=int, default=3, help="simulated devices (default 3)")
-    p.add_argument("--duration", type=float, default=60.0,
-                   help="seconds of streaming (default 60)")
-    p.add_argument("--speed", type=float, default=4.0,
-                   help="simulated time per wall-clock second (default 4x real time)")
-    p.add_argument("--cache-dir", default=os.environ.get("REVERIE_DEMO_CACHE", ".reverie/demo"),
-                   help="where the trained base model is cached (default .reverie/demo)")
+    p.add_argument("--out", default=os.environ.get("REVERIE_DEMO_DIR", ".reverie/demo"),
+                   metavar="DIR", help="cached models, the agent's state and the report "
+                                       "(default .reverie/demo)")
+    p.add_argument("--speed", type=float, default=None, metavar="X",
+                   help="stream seconds per wall second (default: the scenario in about "
+                        f"{TARGET_STREAM_WALL_S:.0f} s, --short {SHORT_STREAM_WALL_S:.0f} s)")
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="override the scenario's device count")
+    p.add_argument("--quiet", action="store_true",
+                   help="log lines every few seconds instead of the live dashboard")
     p.add_argument("--retrain", action="store_true", help="ignore the cached base model")
-    p.add_argument("--bundle", default=None,
-                   help="use this bundle (trained on the simulator's classes) instead of "
-                        "training or reusing the cached one")
-    p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--bundle", default=None, metavar="DIR",
+                   help="use this bundle (trained on the scenario's base classes)")
     p.add_argument("--protocol", choices=["5", "3.1.1"], default=None,
                    help="MQTT version (default: 5 when the broker speaks it)")
-    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
 
@@ -51,144 +77,223 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def ensure_bundle(cache_dir: Path, *, retrain: bool = False, seed: int = 0) -> Path:
-    """The cached base bundle, trained on simulated data if missing or stale."""
+# --- the base model ----------------------------------------------------------------
+
+
+def _code_hash() -> str:
+    """sha256 over the sources that generate the data and train the model."""
+    import export
+    import firmware_sim.sensors as sensors
+
+    h = hashlib.sha256()
+    for pkg in (sensors, export):
+        for f in sorted(Path(pkg.__file__).parent.glob("*.py")):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def bundle_key(scenario) -> str:
+    """What the cached base model depends on, hashed (16 hex digits)."""
+    from agent import __version__
+
+    spec = {"model": scenario.model, "params": scenario.model_params,
+            "base": list(scenario.base_classes), "window": scenario.window_samples,
+            "seed": scenario.seed, "n_per_class": N_PER_CLASS, "epochs": EPOCHS,
+            "recipe": RECIPE, "version": __version__, "code": _code_hash()}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def ensure_bundle(scenario, models_dir: Path, *, retrain: bool = False) -> tuple[Path, float]:
+    """The cached base bundle for `scenario`, trained if missing; (path, seconds spent)."""
     from agent.bundle import load_bundle
     from agent.errors import BundleError
 
-    bundle_dir = cache_dir / "bundle"
+    key = bundle_key(scenario)
+    root = models_dir / f"{scenario.name}-{key}"
+    bundle_dir = root / "bundle"
     if not retrain and bundle_dir.exists():
         try:
-            b = load_bundle(bundle_dir)
-            if b.manifest.get("name") == DEMO_BUNDLE_NAME:
-                _say(f"using cached base model {bundle_dir} ({b.bundle_id})")
-                return bundle_dir
-            _say("cached base model is from another demo version: retraining")
+            load_bundle(bundle_dir)
+            _say(f"using the cached base model {bundle_dir}")
+            return bundle_dir, 0.0
         except BundleError as exc:
             _say(f"cached base model unusable ({exc}): retraining")
+    from agent.dataset import save_dataset
     from export import train_bundle
-    from firmware_sim.signals import write_dataset
+    from firmware_sim.sensors import get_model, make_dataset
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    data = write_dataset(cache_dir / "train.npz", n_per_class=200, seed=seed)
-    _say(f"training the base model on simulated data ({data}); first run only")
     t0 = time.perf_counter()
-    train_bundle(data, bundle_dir, name=DEMO_BUNDLE_NAME, seed=seed, force=True)
-    _say(f"trained and exported in {time.perf_counter() - t0:.1f} s -> {bundle_dir}")
-    return bundle_dir
+    model = get_model(scenario.model, **scenario.model_params)
+    X, y, classes = make_dataset(model, N_PER_CLASS, scenario.window_samples,
+                                 seed=scenario.seed, classes=scenario.base_classes)
+    root.mkdir(parents=True, exist_ok=True)
+    data = save_dataset(root / "train.npz", X, y, classes=classes, channels=model.channels,
+                        sample_rate_hz=model.rate_hz)
+    _say(f"training the base model on {', '.join(classes)} ({len(y)} windows of "
+         f"{scenario.window_samples} samples); first run only")
+    train_bundle(data, bundle_dir, epochs=EPOCHS, seed=scenario.seed, threads=2,
+                 name=f"demo-{scenario.name}-{key}", force=True, verbose=False)
+    took = time.perf_counter() - t0
+    _say(f"trained and exported in {took:.1f} s -> {bundle_dir}")
+    return bundle_dir, took
 
 
-class Scoreboard:
-    """Collects predictions from MQTT and compares them with the simulator's truth."""
+# --- the agent -----------------------------------------------------------------------
 
-    def __init__(self, sim, quiet: bool):
-        self.sim = sim
-        self.quiet = quiet
-        self.lock = threading.Lock()
-        self.total = 0
-        self.correct = 0
-        self.recent: deque[bool] = deque(maxlen=20)
-        self.per_class: Counter = Counter()
-        self.per_class_ok: Counter = Counter()
-        self.latencies: list[float] = []
-        self.errors = 0
-        self.novelty = 0
 
-    def on_prediction(self, body: dict) -> None:
-        device = body["device"]
+def agent_config(path: Path, *, bundle: Path, url: str, prefix: str, protocol: str,
+                 state_dir: Path, metrics_port: int) -> Path:
+    """The agent's TOML: gateway, fresh session, demo-sized sleeps, metrics on."""
+    q = json.dumps  # a TOML basic string is a JSON string for these values
+    path.write_text(f"""# written by `reverie demo`
+[agent]
+bundle = {q(str(bundle.absolute()))}
+device_id = "+"
+prefix = {q(prefix)}
+state_dir = {q(str(state_dir.absolute()))}
+
+[broker]
+url = {q(url)}
+protocol = {q(protocol)}
+session_expiry_s = 0      # a fresh session per run: nothing queued from an earlier one
+
+[sleep]
+budget_s = {SLEEP_BUDGET_S}
+max_duration_s = {2 * SLEEP_BUDGET_S}
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+
+[logging]
+level = "info"
+""", encoding="utf-8")
+    return path
+
+
+def read_metrics(port: int, timeout_s: float = 1.0) -> dict[str, float]:
+    """``{series: value}`` from the agent's /metrics (series with labels as written)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
+class _Agent:
+    """``reverie run`` as a subprocess, its output in a log file."""
+
+    def __init__(self, config: Path, log_path: Path):
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+    def tail(self, n: int = 15) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+    def stop(self) -> int | None:
+        self.proc.send_signal(signal.SIGTERM)
         try:
-            votes = Counter(self.sim.truth(device, s)
-                            for s in range(body["seq_first"], body["seq_last"] + 1))
-        except (ValueError, KeyError):  # not one of our devices or frames
-            return
-        truth = votes.most_common(1)[0][0]
-        ok = body["label"] == truth
-        with self.lock:
-            self.total += 1
-            self.correct += ok
-            self.recent.append(ok)
-            self.per_class[truth] += 1
-            self.per_class_ok[truth] += ok
-            self.latencies.append(body["latency_ms"])
-            rolling = sum(self.recent) / len(self.recent)
-        if not self.quiet:
-            mark = "ok " if ok else "MISS"
-            print(f"  {device:<8} window {body['window']:>4}  predicted {body['label']:<7} "
-                  f"({body['confidence']:.2f})  truth {truth:<7} {mark}  "
-                  f"rolling acc {rolling:5.1%}", flush=True)
+            rc = self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self._log.close()
+        return rc
 
-    def summary(self) -> dict:
-        with self.lock:
-            lat = sorted(self.latencies)
-            return {
-                "windows": self.total,
-                "accuracy": self.correct / self.total if self.total else None,
-                "recall": {c: self.per_class_ok[c] / n for c, n in sorted(self.per_class.items())},
-                "latency_ms_p50": lat[len(lat) // 2] if lat else None,
-                "error_events": self.errors,
-                "novelty_events": self.novelty,
-            }
+
+# --- the run -------------------------------------------------------------------------
+
+
+def _choose(args: argparse.Namespace):
+    from firmware_sim.scenario import load_scenario
+
+    scenario = load_scenario(args.scenario or (SHORT_SCENARIO if args.short else DEFAULT_SCENARIO))
+    speed = args.speed
+    if speed is None:
+        target = SHORT_STREAM_WALL_S if args.short else TARGET_STREAM_WALL_S
+        speed = max(1.0, round(scenario.duration_s / target, 1))
+    if not speed > 0 or speed != speed or speed == float("inf"):
+        raise ConfigError(f"Invalid --speed: {speed!r} (expected a finite number > 0)")
+    return scenario, speed
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.mqtt import BrokerURL, make_client
     from agent.protocol import decode_json_object
     from agent.topics import Topics
-    from firmware_sim.broker import EmbeddedBroker
-    from firmware_sim.sim import Simulator
+    from firmware_sim.broker import EmbeddedBroker, free_port
+    from firmware_sim.dashboard import Dashboard
+    from firmware_sim.report import Scoreboard, rolling_n_for, write_report
+    from firmware_sim.runner import ScenarioRunner
 
     t_start = time.monotonic()
-    cache_dir = Path(args.cache_dir)
+    scenario, speed = _choose(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     if args.bundle:
-        bundle_dir = Path(args.bundle)
+        bundle_dir, train_s = Path(args.bundle), 0.0
     else:
-        bundle_dir = ensure_bundle(cache_dir, retrain=args.retrain, seed=args.seed)
+        bundle_dir, train_s = ensure_bundle(scenario, out / "models", retrain=args.retrain)
 
-    broker = None
-    if args.broker:
-        url = args.broker
-    else:
-        broker = EmbeddedBroker(prefer="auto")
-        broker.start()
-        url = broker.url
-        _say(f"embedded broker: {broker.kind} on {url}")
-    protocol = args.protocol or ("5" if broker is None or "5" in broker.protocols else "3.1.1")
-    agent_proc = None
-    probe = None
+    broker = agent = probe = dash = None
     try:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        agent_proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--bundle", str(bundle_dir),
-             "--broker", url, "--device-id", "+", "--protocol", protocol,
-             "--log-level", "warning"], env=env)
-        topics = Topics("+")
-        online = threading.Event()
-        sim = Simulator(url, devices=args.devices, duration_s=args.duration, speed=args.speed,
-                        seed=args.seed, protocol=protocol)
-        board = Scoreboard(sim, args.quiet)
+        if args.broker:
+            url = args.broker
+        else:
+            broker = EmbeddedBroker(prefer="auto").start()
+            url = broker.url
+            _say(f"embedded broker: {broker.kind} on {url}")
+        protocol = args.protocol or ("5" if broker is None or "5" in broker.protocols else "3.1.1")
+        prefix = f"reverie/demo-{uuid.uuid4().hex[:8]}"
+        run_dir = out / "run"
+        shutil.rmtree(run_dir, ignore_errors=True)  # the agent starts from the base model
+        (run_dir / "state").mkdir(parents=True)
+        metrics_port = free_port()
+        config = agent_config(run_dir / "agent.toml", bundle=bundle_dir, url=url, prefix=prefix,
+                              protocol=protocol, state_dir=run_dir / "state",
+                              metrics_port=metrics_port)
+        runner = ScenarioRunner(scenario, url, prefix=prefix, protocol=protocol, speed=speed,
+                                devices=args.devices)
+        board = Scoreboard(scenario=scenario.name, classes=scenario.classes,
+                           base_classes=scenario.base_classes, timeline=runner.timeline,
+                           frame_s=runner.frame_s, duration_s=scenario.duration_s,
+                           devices=len(runner.devices), truth=runner.truth,
+                           rolling_n=rolling_n_for(len(runner.devices) * runner.n_frames
+                                                   * runner.frame_samples
+                                                   / scenario.window_samples))
+        runner.on_label, runner.on_event = board.on_label_sent, board.on_timeline
 
-        def on_message(_c, _u, msg):
+        online = threading.Event()
+        topics = Topics("+", prefix)
+
+        def on_message(_c, _u, msg) -> None:
             try:
                 body = decode_json_object(msg.payload, msg.topic)
             except Exception:  # noqa: BLE001 - a demo printer must not die
                 return
             kind = msg.topic.rsplit("/", 1)[-1]
-            if kind == "status" and body.get("state") == "online":
-                online.set()
-            elif kind == "predictions":
+            if kind == "predictions":
                 board.on_prediction(body)
-            elif kind == "events" and body.get("type") == "novelty":
-                board.novelty += 1  # e.g. windows that straddle a change of activity
             elif kind == "events":
-                board.errors += 1
-                _say(f"agent event: {body.get('reason')}: {body.get('detail')}")
+                board.on_event(body)
+            elif kind == "status" and body.get("state") == "online":
+                online.set()
 
         probe = make_client(BrokerURL.parse(url), protocol=protocol)
         probe.on_message = on_message
         connected = threading.Event()
         probe.on_connect = lambda c, *_: (c.subscribe([(topics.predictions, 0),
                                                         (topics.events, 0),
-                                                        (Topics("gateway").status, 1)]),
+                                                        (Topics("gateway", prefix).status, 1)]),
                                           connected.set())
         b = BrokerURL.parse(url)
         probe.connect(b.host, b.port)
@@ -196,32 +301,113 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if not connected.wait(10):
             _say(f"cannot connect to {url}")
             return 1
-        if not online.wait(30):
-            _say("the agent did not come online within 30 s")
-            return 1
-        _say(f"agent online; streaming {args.devices} device(s) for {args.duration:.0f} s "
-             f"at {args.speed:g}x real time")
-        stats = sim.run()
-        time.sleep(1.0)  # the last windows are still in flight
-        summary = board.summary()
-        summary["frames_sent"] = sum(stats.frames_sent.values())
-        summary["elapsed_s"] = round(time.monotonic() - t_start, 1)
-        _say("summary " + json.dumps(summary, indent=2))
+        agent = _Agent(config, run_dir / "agent.log")
+        t_agent = time.monotonic()
+        while not online.wait(0.2):
+            if agent.proc.poll() is not None or time.monotonic() - t_agent > ONLINE_TIMEOUT_S:
+                _say(f"the agent did not come online; its log ({agent.log_path}):\n"
+                     + agent.tail())
+                return 1
+        _say(f"agent online in {time.monotonic() - t_agent:.1f} s (topics {prefix}/..., "
+             f"log {agent.log_path}); scenario {scenario.name!r}: {len(runner.devices)} "
+             f"devices, {scenario.duration_s:.0f} s at {speed:g}x, new classes "
+             f"{', '.join(scenario.new_classes()) or 'none'}")
+
+        def poll_metrics() -> None:
+            try:
+                m = read_metrics(metrics_port)
+                board.set_memory(int(m.get("reverie_memory_episodes", 0)),
+                                 int(m.get("reverie_memory_capacity", 0)))
+            except OSError:
+                pass
+
+        def snapshot():
+            now = time.monotonic()
+            if now - poll_state["t"] >= 1.0:
+                poll_state["t"] = now
+                poll_metrics()
+            return board.snapshot()
+
+        poll_state = {"t": 0.0}
+        live = sys.stdout.isatty() and not args.quiet
+        dash = Dashboard(snapshot, live=live).start()
+        t_stream = time.monotonic()
+        stats = runner.run()
+        stream_wall_s = time.monotonic() - t_stream
+        _wait_tail(board, stats)
+        poll_metrics()
+        dash.stop()
+        dash = None
+        sim = runner.summary()
+        elapsed = time.monotonic() - t_start
+        png, js = write_report(board, out, scenario.name, extra={
+            "description": scenario.description,
+            "devices": len(runner.devices), "speed": speed,
+            "stream_s": scenario.duration_s,
+            "durations_s": {"total": round(elapsed, 1), "training": round(train_s, 1),
+                            "stream_wall": round(stream_wall_s, 1)},
+            "throughput": {"windows_per_s": round(len(board.records) / max(stream_wall_s, 1e-9), 2),
+                           "frames_sent": sum(stats.frames_sent.values()),
+                           "sample_rate_hz": round(stats.sample_rate_hz, 1),
+                           "target_sample_rate_hz": stats.target_sample_rate_hz},
+            "simulator": sim,
+            "paths": {"bundle": str(bundle_dir), "agent_log": str(agent.log_path),
+                      "state_dir": str(run_dir / "state")}})
+        summary = json.loads(js.read_text())
+        _print_summary(summary)
         if not summary["windows"]:
-            _say("no predictions arrived: something is wrong")
+            _say("no predictions arrived: something is wrong (see the agent log)")
             return 1
         return 0
     finally:
+        if dash is not None:
+            dash.stop()
         if probe is not None:
             probe.loop_stop()
             probe.disconnect()
-        if agent_proc is not None:
-            agent_proc.send_signal(signal.SIGTERM)
-            try:
-                rc = agent_proc.wait(timeout=10)
-                _say(f"agent stopped (exit {rc})")
-            except subprocess.TimeoutExpired:
-                agent_proc.kill()
-                _say("agent did not stop within 10 s: killed")
+        if agent is not None:
+            rc = agent.stop()
+            if rc not in (0, -signal.SIGTERM):
+                _say(f"agent exited with {rc}; see {agent.log_path}")
         if broker is not None:
             broker.stop()
+
+
+def _wait_tail(board, stats) -> None:
+    """Until the agent has answered the last windows and finished a running sleep."""
+    deadline = time.monotonic() + TAIL_MAX_S
+    last, quiet_since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        n = len(board.records)
+        if n != last:
+            last, quiet_since = n, time.monotonic()
+        sleeping = len(board.sleep_started) > len(board.sleeps)
+        if not sleeping and time.monotonic() - quiet_since >= TAIL_QUIET_S:
+            return
+        time.sleep(0.1)
+
+
+def _print_summary(s: dict) -> None:
+    a = s["accuracy"]
+
+    def pct(x):
+        return "-" if x is None else f"{x:.1%}"
+
+    _say(f"done in {s['durations_s']['total']:.0f} s (training {s['durations_s']['training']:.0f} s, "
+         f"stream {s['durations_s']['stream_wall']:.0f} s): {s['windows']} windows, accuracy "
+         f"{pct(a['overall'])} overall, {pct(a['final_rolling'])} over the last "
+         f"{a['rolling_n']}")
+    _say(f"base classes: {pct(a['base_before_new_labels'])} before the first new-class label, "
+         f"{pct(a['base_after_new_labels'])} after")
+    for cls, n in a["new_classes"].items():
+        when = ("never labelled" if n["first_label_learned_s"] is None
+                else f"first label learned at {n['first_label_learned_s']:.0f} s")
+        _say(f"new class {cls!r}: arrived at {n['arrival_s']:.0f} s, {when}; recall "
+             f"{pct(n['recall_before_label'])} before ({n['windows_before_label']} windows) -> "
+             f"{pct(n['recall_after_label'])} after ({n['windows_after_label']} windows)")
+    sl = s["sleeps"]
+    _say(f"sleeps: {sl['accepted']} accepted, {sl['rolled_back']} rolled back; labels "
+         f"{s['labels']['sent']} sent, {s['labels']['learned']} learned; "
+         f"{s['throughput']['windows_per_s']} windows/s")
+    _say(f"report: {s['paths']['png']}")
+    _say(f"summary: {s['paths']['json']}")

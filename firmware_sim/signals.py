@@ -13,7 +13,9 @@ overlap a little, yet a small 1D CNN, or even nearest-class-mean on spectra, sep
 classes (~98 %).
 
 The physics are deliberately crude (no rotation of gravity with the motion, abrupt class
-changes); realistic kinematics are a later issue.
+changes); `firmware_sim.sensors` has the physics-based models (an IMU with rotating gravity
+and falls, machine vibration, room climate). This generator stays as it is: the simulator's
+default stream and the test bundles trained on it depend on its exact statistics.
 
 >>> gen = SignalGenerator(seed=1)
 >>> gen.samples("walk", 16).shape      # the next 16 samples of one device's stream

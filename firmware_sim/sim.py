@@ -1,12 +1,12 @@
-"""Simulated devices publishing sensor frames over MQTT, with recorded ground truth.
+"""Simulated devices of the original IMU-like signal (`firmware_sim.signals`), with truth.
 
 Each device is a `DeviceStream`: its own seeded `SignalGenerator` and a schedule of random
 class segments (whole frames, so every frame has one class). A `Simulator` drives any number
-of them from one scheduler loop and one paho client: frame ``seq`` of a device is due
-``(seq + 1) * frame_samples / (SAMPLE_RATE_HZ * speed)`` seconds after the start (a real
-sensor publishes a frame once its last sample is taken), devices staggered evenly within a
-frame period so the broker sees a steady flow. A loop that falls behind publishes the late
-frames at once and reports the lag (``SimStats.max_lag_s``).
+of them through the engine (`firmware_sim.engine`: one pacing loop, one paho client, devices
+staggered within a frame period, absolute deadlines, lag and rate accounting in `SimStats`).
+Scenarios with the newer sensor models, impairments, labels and sleeps run in
+`firmware_sim.runner.ScenarioRunner`; this class stays as the plain "N devices switching
+between activities" simulator (``reverie sim`` without ``--scenario``, the tests' streams).
 
 Frames go to ``{prefix}/{device}/frames`` with QoS 0, ``seq`` counting from 0 per device
 and ``ts`` the stream time of the frame's first sample (``start_ts + first_sample / rate``;
@@ -25,22 +25,22 @@ import bisect
 import math
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
-from agent.errors import BrokerError, ConfigError
-from agent.mqtt import BrokerURL, make_client
+from agent.errors import ConfigError
+from agent.mqtt import BrokerURL
 from agent.protocol import MAX_SAMPLES, encode_frame_binary, encode_frame_json
 from agent.topics import DEFAULT_PREFIX, Topics
+from firmware_sim.engine import PROTOCOLS, Engine, SimStats, check_protocol
 from firmware_sim.signals import CLASSES, SAMPLE_RATE_HZ, SignalGenerator
 
 ENCODERS = {"json": encode_frame_json, "binary": encode_frame_binary}
-PROTOCOLS = ("5", "3.1.1")
+__all__ = ["ENCODERS", "PROTOCOLS", "DeviceStream", "FrameCallback", "SimStats", "Simulator",
+           "check_speed"]
 
-# on_frame(device, seq, ts, values (S, 6) float32, class name), called after each publish.
+# on_frame(device, seq, ts, values (S, 6) float32, class name), called as each frame is sent.
 FrameCallback = Callable[[str, int, float, np.ndarray, str], None]
 
 
@@ -111,17 +111,6 @@ class DeviceStream:
             return list(zip(self._seg_starts, ends, self._seg_classes, strict=True))
 
 
-@dataclass(frozen=True)
-class SimStats:
-    frames_sent: dict[str, int]  # per device, accepted by the client
-    frames_dropped: int  # publish refused (e.g. not connected); their seq is skipped
-    bytes_sent: int
-    elapsed_s: float  # start to the last publish
-    sample_rate_hz: float  # achieved, mean per device (0 with fewer than 2 frames)
-    target_sample_rate_hz: float  # SAMPLE_RATE_HZ * speed
-    max_lag_s: float  # worst delay of a publish behind its due time
-
-
 class Simulator:
     """N simulated devices publishing frames in (scaled) real time; see the module docstring.
 
@@ -139,14 +128,14 @@ class Simulator:
                  segment_s: tuple[float, float] = (5.0, 20.0), protocol: str = "5",
                  connect_timeout_s: float = 5.0, start_ts: float | None = None,
                  on_frame: FrameCallback | None = None):
-        self.broker = BrokerURL.parse(broker_url)
+        BrokerURL.parse(broker_url)  # a bad URL fails here, not at the start
         if isinstance(devices, str):  # one id, not a sequence of one-letter ids
             devices = [devices]
         names = [f"sim-{i:03d}" for i in range(devices)] if isinstance(devices, int) else list(devices)
         if not names or len(set(names)) != len(names):
             raise ConfigError(f"Invalid devices: {devices!r} (expected a count >= 1 or distinct ids)")
         try:
-            self._topics = {d: Topics(d, prefix).frames for d in names}
+            self._topics = [Topics(d, prefix).frames for d in names]
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         classes = CLASSES if classes is None else tuple(classes)
@@ -155,14 +144,12 @@ class Simulator:
             raise ConfigError(f"Invalid classes: {unknown or classes!r} (expected names from {CLASSES})")
         if duration_s is not None and not (math.isfinite(duration_s) and duration_s > 0):
             raise ConfigError(f"Invalid duration_s: {duration_s!r} (expected > 0 or None)")
-        if not (math.isfinite(speed) and speed > 0):
-            raise ConfigError(f"Invalid speed: {speed!r} (expected a finite number > 0)")
+        check_speed(speed)
         if not 1 <= frame_samples <= MAX_SAMPLES:
             raise ConfigError(f"Invalid frame_samples: {frame_samples!r} (expected 1..{MAX_SAMPLES})")
         if encoding not in ENCODERS:
             raise ConfigError(f"Invalid encoding: {encoding!r} (expected one of {sorted(ENCODERS)})")
-        if protocol not in PROTOCOLS:
-            raise ConfigError(f"Invalid MQTT protocol: {protocol!r} (expected one of {PROTOCOLS})")
+        check_protocol(protocol)
         lo, hi = segment_s
         if not 0 < lo <= hi:
             raise ConfigError(f"Invalid segment_s: {segment_s!r} (expected (min, max), 0 < min <= max)")
@@ -175,25 +162,26 @@ class Simulator:
         self.seed = seed
         self.classes = classes
         self.protocol = protocol
-        self.connect_timeout_s = connect_timeout_s
         self.start_ts = start_ts
         self.on_frame = on_frame
         seeds = np.random.SeedSequence(seed).spawn(len(names))
-        self._streams = {d: DeviceStream(d, seed=s, classes=classes, segment_s=(lo, hi),
-                                         frame_samples=frame_samples)
-                         for d, s in zip(names, seeds, strict=True)}
-        self._stop = threading.Event()
-        self._done = threading.Event()  # set when the background run has finished
-        self._client = None
-        self._thread: threading.Thread | None = None
-        self._stats: SimStats | None = None
-        self._error: BaseException | None = None
+        self._streams = [DeviceStream(d, seed=s, classes=classes, segment_s=(lo, hi),
+                                      frame_samples=frame_samples)
+                         for d, s in zip(names, seeds, strict=True)]
+        self._by_name = dict(zip(names, self._streams, strict=True))
+        self._encode = ENCODERS[encoding]
+        self._t0: float | None = None  # the stream's epoch (start_ts or the first frame's time)
+        self.engine = Engine(broker_url, names, self._produce, rate_hz=SAMPLE_RATE_HZ,
+                             frame_samples=frame_samples, speed=speed,
+                             stream_end_s=None if duration_s is None else duration_s * speed,
+                             protocol=protocol, connect_timeout_s=connect_timeout_s)
+        self.broker = self.engine.broker
 
     # --- ground truth --------------------------------------------------------
 
     def stream(self, device: str) -> DeviceStream:
         try:
-            return self._streams[device]
+            return self._by_name[device]
         except KeyError:
             raise ValueError(f"Unknown device: {device!r} (simulating {list(self.devices)})") from None
 
@@ -205,132 +193,39 @@ class Simulator:
         """The class of sample `sample_index` (from 0) of `device`."""
         return self.stream(device).truth_at(sample_index)
 
-    # --- running -------------------------------------------------------------
+    # --- running (the engine's) ------------------------------------------------
 
     def run(self) -> SimStats:
         """Connect, publish until `duration_s` has passed or `stop` is called, disconnect."""
-        self._connect()
-        try:
-            return self._publish_loop()
-        finally:
-            self._disconnect()
+        return self.engine.run()
 
     def start(self) -> None:
         """Connect (raising BrokerError here), then publish in a background thread."""
-        self._connect()
-        self._thread = threading.Thread(target=self._run_thread, name="reverie-sim", daemon=True)
-        self._thread.start()
-
-    def _run_thread(self) -> None:
-        try:
-            self._stats = self._publish_loop()
-        except BaseException as exc:  # handed to join()
-            self._error = exc
-        finally:
-            self._disconnect()
-            self._done.set()
+        self.engine.start()
 
     def stop(self) -> None:
         """Ask the loop to finish; safe from any thread and before the start."""
-        self._stop.set()
+        self.engine.stop()
 
     def join(self, timeout: float | None = None) -> SimStats | None:
         """Wait for the background run; its stats, or None if still running after `timeout`.
 
         An exception raised in the background thread is raised here.
         """
-        if self._thread is None:
-            raise RuntimeError("Simulator.join() called before start()")
-        # Wait on an Event, not Thread.join: a Ctrl-C inside Thread.join(timeout) can leave
-        # the thread marked as finished while it still runs (CPython 3.11).
-        if not self._done.wait(timeout):
-            return None
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._stats
+        return self.engine.join(timeout)
 
-    def _connect(self) -> None:
-        if self._client is not None:
-            raise RuntimeError("A Simulator runs once; create a new one")
-        client = make_client(self.broker, client_id=f"reverie-sim-{uuid.uuid4().hex[:8]}",
-                             protocol=self.protocol)
-        self._client = client
-        connack = threading.Event()
-        result = []
+    def _produce(self, i: int, k: int, t_s: float, out: list) -> None:
+        if self._t0 is None:
+            self._t0 = time.time() if self.start_ts is None else self.start_ts
+        seq, first, values, cls = self._streams[i].next_frame()
+        ts = self._t0 + first / SAMPLE_RATE_HZ
+        out.append((self._topics[i], self._encode(seq, ts, values), 0, i))
+        if self.on_frame is not None:
+            self.on_frame(self.devices[i], seq, ts, values, cls)
 
-        def on_connect(client, userdata, flags, reason_code, properties):
-            result.append(reason_code)
-            connack.set()
 
-        client.on_connect = on_connect
-        try:
-            client.connect(self.broker.host, self.broker.port, keepalive=30)
-        except OSError as exc:
-            raise BrokerError(f"Cannot connect to MQTT broker {self.broker}: {exc}") from None
-        client.loop_start()
-        if not connack.wait(self.connect_timeout_s):
-            self._disconnect()
-            raise BrokerError(f"No CONNACK from MQTT broker {self.broker} "
-                              f"within {self.connect_timeout_s} s")
-        if result[0].is_failure:
-            self._disconnect()
-            raise BrokerError(f"MQTT broker {self.broker} refused the connection: {result[0]}")
-
-    def _disconnect(self) -> None:
-        client = self._client
-        if client is not None:
-            client.disconnect()
-            client.loop_stop()
-
-    def _publish_loop(self) -> SimStats:
-        encode = ENCODERS[self.encoding]
-        period_s = self.frame_samples / (SAMPLE_RATE_HZ * self.speed)  # wall time per frame
-        n = len(self.devices)
-        sent = dict.fromkeys(self.devices, 0)
-        t_first: dict[str, float] = {}  # first and last accepted publish per device
-        t_last_by: dict[str, float] = {}
-        dropped = n_bytes = 0
-        max_lag_s = 0.0
-        last_info = None
-        start_ts = time.time() if self.start_ts is None else self.start_ts
-        t_start = t_last = time.monotonic()
-        k = 0
-        while not self._stop.is_set():
-            for i, device in enumerate(self.devices):
-                due = (k + 1 + i / n) * period_s
-                if self.duration_s is not None and due > self.duration_s:
-                    self._stop.set()
-                delay = t_start + due - time.monotonic()
-                if self._stop.is_set() or (delay > 0 and self._stop.wait(delay)):
-                    break
-                max_lag_s = max(max_lag_s, -delay)
-                seq, first, values, cls = self._streams[device].next_frame()
-                ts = start_ts + first / SAMPLE_RATE_HZ
-                payload = encode(seq, ts, values)
-                info = self._client.publish(self._topics[device], payload, qos=0)
-                t_last = time.monotonic()
-                if info.rc == 0:
-                    sent[device] += 1
-                    t_first.setdefault(device, t_last)
-                    t_last_by[device] = t_last
-                    n_bytes += len(payload)
-                    last_info = info
-                else:
-                    dropped += 1
-                if self.on_frame is not None:
-                    self.on_frame(device, seq, ts, values, cls)
-            k += 1
-        if last_info is not None:
-            # QoS 0 has no acknowledgement; this waits until paho wrote the last frame out.
-            try:
-                last_info.wait_for_publish(timeout=2.0)
-            except (RuntimeError, ValueError):
-                pass
-        # The rate between each device's first and last frame: free of the start-up period
-        # and of the stagger between devices.
-        rates = [(sent[d] - 1) * self.frame_samples / (t_last_by[d] - t_first[d])
-                 for d in self.devices if sent[d] > 1 and t_last_by[d] > t_first[d]]
-        rate = sum(rates) / len(rates) if rates else 0.0
-        return SimStats(sent, dropped, n_bytes, t_last - t_start, rate,
-                        SAMPLE_RATE_HZ * self.speed, max_lag_s)
+def check_speed(speed: float) -> float:
+    if isinstance(speed, bool) or not isinstance(speed, int | float) or not (
+            math.isfinite(speed) and speed > 0):
+        raise ConfigError(f"Invalid speed: {speed!r} (expected a finite number > 0)")
+    return float(speed)

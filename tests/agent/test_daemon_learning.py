@@ -316,3 +316,59 @@ def test_tls_and_mutual_tls(base_bundle, secure_broker, mqtt_collector, unique_d
         assert not d.wait_connected(2)
     finally:
         d.stop()
+
+
+def test_state_changing_commands_only_on_allowed_topics_and_signed(
+        make_daemon, mqtt_collector, unique_device, tmp_path):
+    """commands.from = "agent" and commands.key_file: a sleep on a device topic, unsigned,
+    badly signed or stale is refused with a reason; a signed one on the agent topic runs;
+    status is always answered."""
+    import time as _time
+
+    from agent.messages import sign_command
+
+    key = b"k" * 32
+    (tmp_path / "cmd.key").write_bytes(key)
+    prefix = f"gw/{unique_device}"
+    make_daemon("+", prefix=prefix, commands_from="agent", commands_key_file=tmp_path / "cmd.key")
+    dev, gw = Topics("d1", prefix), Topics("gateway", prefix)
+    probe = mqtt_collector(dev.replies, gw.replies, dev.events, gw.events)
+
+    def command(t, body):
+        probe.clear()
+        probe.publish(t.cmd, json.dumps(body), qos=1)
+        return probe.wait_for_count(1, topic=t.replies, timeout_s=10)[0].json()
+
+    assert command(dev, {"id": "s", "cmd": "status"})["ok"]
+    r = command(dev, sign_command({"id": "a", "cmd": "snapshot", "ts": _time.time()}, key))
+    assert not r["ok"] and r["reason"] == "not_authorized" and "agent's own topic" in r["error"]
+    r = command(gw, {"id": "b", "cmd": "snapshot"})
+    assert not r["ok"] and "must be signed" in r["error"]
+    r = command(gw, sign_command({"id": "c", "cmd": "snapshot", "ts": _time.time()}, b"x" * 32))
+    assert not r["ok"] and "bad signature" in r["error"]
+    r = command(gw, sign_command({"id": "d", "cmd": "snapshot", "ts": _time.time() - 3600}, key))
+    assert not r["ok"] and "off the agent's clock" in r["error"]
+    r = command(gw, sign_command({"id": "e", "cmd": "snapshot", "ts": _time.time()}, key))
+    assert r["ok"], r
+
+
+def test_state_files_are_owner_only(make_daemon, mqtt_collector, unique_device, tmp_path):
+    """Everything the daemon writes under its state directory: files 0600, directories 0700
+    (a device's learned data is the user's data)."""
+    import stat
+
+    state = tmp_path / "state"
+    prefix = f"gw/{unique_device}"
+    d = make_daemon("+", prefix=prefix, learner_mode="per_device", state_dir=state)
+    t = Topics("a", prefix)
+    probe = mqtt_collector(f"{prefix}/+/predictions", t.events)
+    send(probe, t.frames, stream("shake", 3))
+    probe.wait_for_count(3, topic=t.predictions, timeout_s=20)
+    probe.publish(t.labels, json.dumps({"id": "p", "label": "shake", "windows": [0, 1]}), qos=1)
+    probe.wait_for(lambda ms: events(probe, t.events, "label"), timeout_s=10)
+    d.stop()
+    paths = list(state.rglob("*"))
+    assert any(p.name == "windows.npz" for p in paths) and any(p.is_dir() for p in paths)
+    loose = [(str(p.relative_to(state)), oct(stat.S_IMODE(p.stat().st_mode)))
+             for p in [state, *paths] if stat.S_IMODE(p.stat().st_mode) & 0o077]
+    assert not loose, f"group/other can access: {loose}"

@@ -8,14 +8,16 @@ this order:
    messages/s received over the steady part of the flood;
 2. ``reverie run`` serving one device starts and is warmed up; its idle CPU (utime +
    stime from /proc over ``--idle-seconds`` without traffic) and RSS;
-3. sustained ingest: the same flood into the daemon; frames/s and windows/s it processed
-   (its /metrics counters, read at two instants inside the flood), its drops by reason,
-   and frames/s as % of the raw ceiling for the same frame size;
-4. latency, frame published -> prediction received, at paced rates, with one device and
-   then with N devices round robin (a second daemon, ``--device-id +``): the publisher
+3. latency, frame published -> prediction received, at paced rates: the publisher
    records each publish time, a subscriber each receipt time (CLOCK_MONOTONIC is
    system-wide, so they compare), matched by (device, seq_last); achieved rate, losses,
-   p50/p99; the RSS of both daemons after the load.
+   p50/p99;
+4. sustained ingest: the raw-ceiling flood into the daemon (after the paced runs, so a
+   flood's aftermath cannot touch them); frames/s and windows/s it processed (its
+   /metrics counters, read at two instants inside the flood), its drops by reason, and
+   frames/s as % of the raw ceiling for the same frame size; its RSS after the load;
+5. a second daemon in gateway mode (``--device-id +``), N devices round robin: latency
+   as in 3, and its RSS after the load.
 
 Two cores shared by broker, daemon and load (and whatever else runs): the figures are
 what this machine gives at the time; the JSON records the machine load beside them.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 from contextlib import ExitStack
@@ -48,6 +51,18 @@ class Plan:
     gateway_devices: int = 100
     quarter_frames: bool = True                      # also frames of 1/4 window
 
+    def __post_init__(self) -> None:
+        from agent.errors import ConfigError
+
+        for name in ("seconds", "idle_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}, expected a number > 0")
+        if not self.rates or min(self.rates) <= 0:
+            raise ConfigError(f"rates={self.rates!r}, expected one or more rates > 0")
+        if not 1 <= self.gateway_devices <= 1000:
+            raise ConfigError(f"devices={self.gateway_devices!r}, expected 1..1000 "
+                              "(the daemon's default ingest.max_devices)")
+
     @classmethod
     def quick(cls) -> Plan:
         return cls(seconds=1.0, idle_s=1.0, rates=(50.0, 100.0), gateway_devices=5,
@@ -70,8 +85,8 @@ def register(bench_sub: argparse._SubParsersAction) -> None:
                    "(default 200,500,1000,2000)")
     p.add_argument("--devices", type=int, default=None, help="devices in the gateway run "
                    "(default 100)")
-    p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds: "
-                   "1 s phases, tiny rates, 5 gateway devices")
+    p.add_argument("--quick", action="store_true", help="a smoke run (about 30 s): 1 s "
+                   "phases, 50 and 100 windows/s, 5 gateway devices, no quarter frames")
     p.add_argument("--json", default=None, help="write the results here")
     p.set_defaults(func=cmd_e2e)
 
@@ -93,16 +108,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         except ValueError:
             raise ConfigError(f"--rates {args.rates!r}: expected numbers separated by commas, "
                               "e.g. 200,500") from None
-    plan = Plan(**{**asdict(plan), **changes})
-    for name in ("seconds", "idle_s"):
-        if not getattr(plan, name) > 0:
-            raise ConfigError(f"{name}={getattr(plan, name)!r}, expected a number > 0")
-    if not plan.rates or min(plan.rates) <= 0:
-        raise ConfigError(f"rates={plan.rates!r}, expected one or more rates > 0")
-    if not 1 <= plan.gateway_devices <= 1000:
-        raise ConfigError(f"devices={plan.gateway_devices!r}, expected 1..1000 "
-                          "(the daemon's default ingest.max_devices)")
-    return plan
+    return Plan(**{**asdict(plan), **changes})
 
 
 def cmd_e2e(args: argparse.Namespace) -> int:
@@ -111,6 +117,8 @@ def cmd_e2e(args: argparse.Namespace) -> int:
     from agent.bundle import load_bundle
 
     plan = plan_from_args(args)
+    # SIGTERM unwinds like Ctrl-C, so the daemons and the broker we started are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     bundle_dir = Path(args.bundle) if args.bundle else procs.demo_bundle(Path(args.cache_dir))
     bundle = load_bundle(bundle_dir)
     window, channels = bundle.input.window_samples, bundle.input.n_channels
@@ -131,11 +139,11 @@ def cmd_e2e(args: argparse.Namespace) -> int:
         with one:
             one.warm_up()
             result["idle"] = idle_cpu(one, plan.idle_s)
+            lat = [latency(one, rate, plan.seconds) for rate in plan.rates]
             ingest = [sustained_ingest(one, fs, plan.seconds) for fs in frame_sizes]
             for row, ceiling in zip(ingest, result["raw_ceiling"], strict=True):
                 row["pct_of_ceiling"] = 100 * row["frames_per_s"] / ceiling["received_per_s"]
             result["ingest"] = ingest
-            lat = [latency(one, rate, plan.seconds) for rate in plan.rates]
             result["idle"]["after_load"] = one.daemon.memory_mb()
         _say(f"starting the daemon in gateway mode ({plan.gateway_devices} devices)")
         devices = [f"bench-{k:03d}" for k in range(plan.gateway_devices)]

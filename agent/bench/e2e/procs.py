@@ -23,13 +23,17 @@ from agent.errors import BrokerError, BundleError, ReverieError
 
 START_TIMEOUT_S = 60.0       # the daemon's first start may load numba kernels from a cold cache
 
+# Stops its mosquitto when stdin closes or on SIGTERM: a killed interpreter would orphan it.
 BROKER_SCRIPT = r"""
-import sys
+import signal, sys
 from firmware_sim.broker import EmbeddedBroker
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 broker = EmbeddedBroker(prefer="mosquitto").start()
-print(broker.url, flush=True)
-sys.stdin.read()
-broker.stop()
+try:
+    print(broker.url, flush=True)
+    sys.stdin.read()
+finally:
+    broker.stop()
 """
 
 BUNDLE_SCRIPT = r"""
@@ -48,10 +52,11 @@ class Child:
     """A child process with line-wise stdout; terminated (then killed) at `close`."""
 
     def __init__(self, argv: list[str], *, name: str, stderr_path: Path | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, eof_grace_s: float = 0.0):
         self.name = name
+        self.eof_grace_s = eof_grace_s      # a child that ends on stdin EOF gets this long
         self.stderr_path = stderr_path
-        err = open(stderr_path, "wb") if stderr_path else subprocess.DEVNULL  # noqa: SIM115
+        err = open(stderr_path, "wb") if stderr_path else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=err, text=True, env=env)
@@ -92,6 +97,11 @@ class Child:
 
     def close(self, timeout_s: float = 10.0) -> None:
         self.close_stdin()
+        if self.eof_grace_s > 0:
+            try:
+                self.proc.wait(self.eof_grace_s)
+            except subprocess.TimeoutExpired:
+                pass
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -118,7 +128,7 @@ class Child:
 def start_broker(workdir: Path) -> tuple[Child, str]:
     """A private mosquitto (EmbeddedBroker, max_queued_messages 100000) and its URL."""
     child = Child([sys.executable, "-c", BROKER_SCRIPT], name="broker",
-                  stderr_path=workdir / "broker.err")
+                  stderr_path=workdir / "broker.err", eof_grace_s=10.0)
     try:
         url = child.readline()
     except ReverieError as exc:

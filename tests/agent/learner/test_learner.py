@@ -63,12 +63,14 @@ def test_bad_labels_are_rejected(learner, label):
     assert learner.classes == list(BASE)
 
 
-def test_every_bundle_exemplar_teaches_the_schema_readout(learner):
-    n_exemplars = learner._exemplars["labels"].shape[0]
-    assert len(learner.memory) == 20 * len(BASE) < n_exemplars          # 20 stored per class
-    assert learner.memory.schema.n_observed() == n_exemplars
+def test_the_schema_starts_from_every_training_latent_of_the_bundle(learner):
+    """Seeded from the bundle's class statistics (all training latents), not only from the
+    20 exemplars per class the memory stores; then every stored episode adds to it."""
+    n_training = int(learner._exemplars["class_counts"].sum())
+    assert len(learner.memory) == 20 * len(BASE) < n_training          # 20 stored per class
+    assert learner.memory.schema.n_observed() == n_training
     learner.learn_one(windows("shake", 1, seed=2)[0], "shake")
-    assert learner.memory.schema.n_observed() == n_exemplars + 1
+    assert learner.memory.schema.n_observed() == n_training + 1
 
 
 def test_the_schema_abstains_on_a_class_it_has_not_formed_yet(base_bundle):
