@@ -140,6 +140,7 @@ class Daemon(StatusMixin, MqttCallbacks):
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_publish = self._on_publish
         self._client.suppress_exceptions = True   # a callback bug must not kill the network thread
         self.outbox = Outbox(self._client, config.broker.outbox_max,
                              on_drop=self.metrics.outbox_dropped.inc)

@@ -100,6 +100,14 @@ class MqttCallbacks:
         else:                                # one of our own outbound kinds: ignore
             self.ack_now(msg.mid, msg.qos)
 
+    def _on_publish(self, _client, _userdata, mid, reason_code, _props) -> None:
+        """MQTT 5: the broker refused one of our QoS 1 publications (e.g. its ACL does not
+        let the agent write a reply or status topic): count it, say so."""
+        if getattr(reason_code, "is_failure", False):
+            self.metrics.dropped.inc(reason="publish_refused")
+            log.warning("the broker refused publication mid=%d: %s (check its ACL for the "
+                        "agent's outbound topics)", mid, reason_code)
+
     def ack_now(self, mid: int, qos: int) -> None:
         if qos == 1:
             self._client.ack(mid, qos)

@@ -1,15 +1,23 @@
-"""A real mosquitto with TLS, mutual-TLS and password listeners, for tests.
+"""A real mosquitto with TLS, mutual-TLS, password and ACL listeners, for tests.
 
 `make_pki` writes a throwaway PKI (ECDSA P-256, valid for a day): a CA, a server
 certificate for ``localhost`` and ``127.0.0.1`` and a client certificate, both signed by
 the CA, and a "rogue" CA with its own client certificate that the broker does not trust.
-`SecureMosquitto` starts one mosquitto with three loopback listeners:
+`Pki.issue_client_cert` issues more client certificates, one per common name (e.g. a
+device id), from either CA. `SecureMosquitto` starts one mosquitto with four loopback listeners:
 
 - ``url_tls``: TLS, no client certificate needed, anonymous clients allowed;
 - ``url_mtls``: TLS that requires a client certificate signed by the CA; the
   certificate's common name becomes the MQTT username;
 - ``url_password``: plain MQTT, ``allow_anonymous false``, one user in a password file
-  made with ``mosquitto_passwd`` (None when that tool is missing).
+  made with ``mosquitto_passwd`` (None when that tool is missing);
+- ``url_acl``: mutual TLS as ``url_mtls``, plus an ``acl_file`` (default `ACL`): the agent
+  (CN `AGENT_CN`) reads every device's inbound topics and writes the outbound ones, an
+  operator (CN `OPERATOR_CN`) commands the gateway, and each device (CN = device id) may
+  only publish its own frames and labels and read its own predictions and events
+  (``pattern ... %u``). Denied publications are dropped by the broker (MQTT 5 QoS 1: a
+  PUBACK saying "Not authorized"). mosquitto's acl_file grants every SUBSCRIBE and applies
+  the ``read`` rules to each message at delivery.
 
 Tests use the session fixture `secure_broker`; make it visible in the test module:
 
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import shutil
 import signal
 import socket
@@ -33,17 +42,48 @@ import pytest
 
 from agent.errors import BrokerError, ConfigError
 from agent.mqtt import TLSConfig
+from agent.topics import DEFAULT_PREFIX
 from firmware_sim.broker import find_mosquitto, free_port
 
 HOST = "127.0.0.1"
 CLIENT_CN = "reverie-test-device"
 USERNAME = "reverie-user"
 PASSWORD = "s3cret pass:word"  # a space and a colon: exercises URL quoting
-MODES = ("tls", "mtls", "password")
+AGENT_CN = "reverie-agent"
+OPERATOR_CN = "operator"
+MODES = ("tls", "mtls", "password", "acl")
 BROKER_ENV = "REVERIE_TEST_BROKER"
 _PASSWD_CANDIDATES = ("/usr/bin/mosquitto_passwd", "/usr/sbin/mosquitto_passwd",
                       "/usr/local/bin/mosquitto_passwd")
 _PORT_ATTEMPTS = 5
+_CN_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")   # a device id: also safe as a file name
+
+# Topic access on the "acl" listener. mosquitto checks `user` blocks for that user and
+# `pattern` lines for everyone, %u being the MQTT user name: the certificate's common name
+# (use_identity_as_username). Whatever is not granted is denied.
+ACL = f"""\
+# The agent in gateway mode: every device's inbound topics, every device's outbound ones.
+user {AGENT_CN}
+topic read {DEFAULT_PREFIX}/+/frames
+topic read {DEFAULT_PREFIX}/+/labels
+topic read {DEFAULT_PREFIX}/+/cmd
+topic write {DEFAULT_PREFIX}/+/predictions
+topic write {DEFAULT_PREFIX}/+/events
+topic write {DEFAULT_PREFIX}/+/status
+topic write {DEFAULT_PREFIX}/+/replies
+
+# Operators command the agent on its own topic and read its replies and every status.
+user {OPERATOR_CN}
+topic write {DEFAULT_PREFIX}/gateway/cmd
+topic read {DEFAULT_PREFIX}/gateway/replies
+topic read {DEFAULT_PREFIX}/+/status
+
+# Each device (certificate CN = device id): its own topics only.
+pattern write {DEFAULT_PREFIX}/%u/frames
+pattern write {DEFAULT_PREFIX}/%u/labels
+pattern read {DEFAULT_PREFIX}/%u/predictions
+pattern read {DEFAULT_PREFIX}/%u/events
+"""
 
 
 # -- PKI ------------------------------------------------------------------------------
@@ -60,17 +100,48 @@ class Pki:
     rogue_ca_cert: Path
     rogue_client_cert: Path
     rogue_client_key: Path
+    ca_key: Path
+    rogue_ca_key: Path
 
     def tls(self, *, client: bool = False, rogue_ca: bool = False,
-            rogue_client: bool = False) -> TLSConfig:
+            rogue_client: bool = False, cn: str | None = None) -> TLSConfig:
         """Client TLS settings: trust the CA (or the rogue CA), optionally with a client
-        certificate (the trusted one, or the rogue one)."""
+        certificate (the trusted one, or the rogue one; for common name `cn` if given)."""
         ca = self.rogue_ca_cert if rogue_ca else self.ca_cert
+        if cn is not None:
+            return TLSConfig(ca, *self.issue_client_cert(cn, rogue=rogue_client))
         if rogue_client:
             return TLSConfig(ca, self.rogue_client_cert, self.rogue_client_key)
         if client:
             return TLSConfig(ca, self.client_cert, self.client_key)
         return TLSConfig(ca)
+
+    def issue_client_cert(self, cn: str, *, rogue: bool = False) -> tuple[Path, Path]:
+        """``(certificate, key)`` of a client whose common name is `cn`, signed by the CA
+        (or by the rogue CA); issued on first use, reused after.
+
+        >>> cert, key = make_pki(tmp_path).issue_client_cert("sensor-7")    # doctest: +SKIP
+        """
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        if not isinstance(cn, str) or not _CN_RE.match(cn) or cn in (".", ".."):
+            raise ConfigError(f"Invalid client certificate common name: {cn!r} (expected "
+                              "1-64 characters from [A-Za-z0-9_.:-], like a device id)")
+        stem = self.dir / f"{'rogue-' if rogue else ''}client-{cn}"
+        cert_path, key_path = stem.with_suffix(".crt"), stem.with_suffix(".key")
+        if cert_path.is_file() and key_path.is_file():
+            return cert_path, key_path
+        ca_cert, ca_key = ((self.rogue_ca_cert, self.rogue_ca_key) if rogue
+                           else (self.ca_cert, self.ca_key))
+        issuer = x509.load_pem_x509_certificate(ca_cert.read_bytes())
+        issuer_key = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _issue(x509, cn, key, issuer, issuer_key, kind="client")
+        _write_key(key_path, key)
+        cert_path.write_bytes(_cert_pem(cert))
+        return cert_path, key_path
 
 
 def make_pki(directory: str | os.PathLike) -> Pki:
@@ -92,14 +163,15 @@ def make_pki(directory: str | os.PathLike) -> Pki:
     rogue = _issue(x509, CLIENT_CN, rogue_key, rogue_ca, rogue_ca_key, kind="client")
 
     pki = Pki(d, d / "ca.crt", d / "server.crt", d / "server.key", d / "client.crt",
-              d / "client.key", d / "rogue-ca.crt", d / "rogue-client.crt", d / "rogue-client.key")
+              d / "client.key", d / "rogue-ca.crt", d / "rogue-client.crt", d / "rogue-client.key",
+              d / "ca.key", d / "rogue-ca.key")
     for path, cert in ((pki.ca_cert, ca), (pki.server_cert, server), (pki.client_cert, client),
                        (pki.rogue_ca_cert, rogue_ca), (pki.rogue_client_cert, rogue)):
         path.write_bytes(_cert_pem(cert))
     for path, key in ((pki.server_key, server_key), (pki.client_key, client_key),
-                      (pki.rogue_client_key, rogue_key)):
-        path.write_bytes(_key_pem(key))
-        path.chmod(0o600)
+                      (pki.rogue_client_key, rogue_key), (pki.ca_key, ca_key),
+                      (pki.rogue_ca_key, rogue_ca_key)):
+        _write_key(path, key)
     return pki
 
 
@@ -154,11 +226,16 @@ def _cert_pem(cert) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _key_pem(key) -> bytes:
+def _write_key(path: Path, key) -> None:
+    """An unencrypted PKCS#8 PEM, owner-only from the start."""
     from cryptography.hazmat.primitives import serialization
 
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    path.chmod(0o600)
 
 
 def credentials_url(port: int, username: str, password: str | None = None) -> str:
@@ -188,18 +265,19 @@ def find_mosquitto_passwd() -> str | None:
 
 
 class SecureMosquitto:
-    """A mosquitto subprocess with TLS, mutual-TLS and password listeners on 127.0.0.1.
+    """A mosquitto subprocess with TLS, mutual-TLS, password and ACL listeners on 127.0.0.1.
 
     `modes`: the listeners to open, a subset of `MODES`. "password" is dropped (with
-    `password_unavailable` saying why) when no mosquitto_passwd exists. The config, the
-    password file and the log live in `workdir` and are kept.
+    `password_unavailable` saying why) when no mosquitto_passwd exists. `acl`: the text of
+    the "acl" listener's acl_file. The config, the password and ACL files and the log live
+    in `workdir` and are kept.
 
     >>> with SecureMosquitto(tmp_path, make_pki(tmp_path / "pki")) as b:   # doctest: +SKIP
     ...     client = make_client(BrokerURL.parse(b.url_tls), tls=b.pki.tls())
     """
 
     def __init__(self, workdir: str | os.PathLike, pki: Pki, *, modes: tuple[str, ...] = MODES,
-                 start_timeout_s: float = 10.0):
+                 acl: str = ACL, start_timeout_s: float = 10.0):
         bad = [m for m in modes if m not in MODES]
         if bad or not modes:
             raise ConfigError(f"Invalid SecureMosquitto modes: {modes!r} (expected a "
@@ -217,6 +295,8 @@ class SecureMosquitto:
         self.log_path = self.workdir / "mosquitto.log"
         self.out_path = self.workdir / "mosquitto.out"
         self.passwd_path = self.workdir / "passwd"
+        self.acl = acl
+        self.acl_path = self.workdir / "acl"
         self.ports: dict[str, int] = {}
         self._proc: subprocess.Popen | None = None
 
@@ -228,6 +308,10 @@ class SecureMosquitto:
     @property
     def url_mtls(self) -> str:
         return f"mqtts://{HOST}:{self._port('mtls')}"
+
+    @property
+    def url_acl(self) -> str:
+        return f"mqtts://{HOST}:{self._port('acl')}"
 
     @property
     def url_password(self) -> str:
@@ -275,6 +359,10 @@ class SecureMosquitto:
         if "password" in self.ports:
             lines += ["", f"listener {self.ports['password']} {HOST}", "allow_anonymous false",
                       f"password_file {self.passwd_path}"]
+        if "acl" in self.ports:
+            lines += ["", f"listener {self.ports['acl']} {HOST}", "allow_anonymous false",
+                      *tls_files, "require_certificate true", "use_identity_as_username true",
+                      f"acl_file {self.acl_path}"]
         return "\n".join(lines) + "\n"
 
     def start(self) -> SecureMosquitto:
@@ -284,6 +372,8 @@ class SecureMosquitto:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if "password" in self.modes:
             self._write_password_file()
+        if "acl" in self.modes:
+            self.acl_path.write_text(self.acl)
         for attempt in range(_PORT_ATTEMPTS):
             self.ports = _distinct_free_ports(self.modes)
             try:
