@@ -153,6 +153,13 @@ def _read_file(path: Path) -> dict[str, object]:
         raise ConfigError(f"config file {str(path)!r}: cannot read ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(path)!r}: invalid TOML ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r}: not UTF-8 text ({exc.reason} at byte "
+                          f"{exc.start})") from None
+    except RecursionError:
+        raise ConfigError(f"config file {str(path)!r}: nested too deeply") from None
+    except ValueError as exc:          # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"config file {str(path)!r}: invalid TOML ({exc})") from None
     base, flat = path.absolute().parent, {}
     for section, table in data.items():
         if not isinstance(table, dict):
@@ -276,7 +283,7 @@ def _broker_url(values: dict[str, object], origin: dict[str, tuple[int, str]]) -
         if pw_key == "broker.password_file":
             try:
                 password = Path(password).read_text(encoding="utf-8").rstrip("\r\n")
-            except (OSError, UnicodeDecodeError) as exc:
+            except (OSError, UnicodeDecodeError, ValueError) as exc:   # ValueError: NUL in path
                 raise ConfigError(f"broker.password_file={str(password)!r}: cannot read "
                                   f"({getattr(exc, 'strerror', None) or exc})") from None
             if not password:

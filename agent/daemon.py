@@ -344,7 +344,7 @@ class Daemon(StatusMixin, MqttCallbacks):
                     # a bug, not the message's fault: report it and do not let the broker
                     # redeliver it forever (it would fill the in-flight window)
                     w.reject(item, "internal_error", f"{item.kind} message could not be "
-                             "handled (a bug: see the agent's log)")
+                             "handled (a bug: see the agent's log)", count=False)
                     self.ack(item)
             if w.pending:
                 self._guard(w.retry_pending)

@@ -166,6 +166,8 @@ def decode_label(payload: bytes, *, max_bytes: int) -> LabelMsg:
         return LabelMsg(mid, label, windows=tuple(dict.fromkeys(ids)), ts=ts)
     if kind == "from_ts":
         lo, hi = _number(obj, "from_ts", "label"), _number(obj, "to_ts", "label")
+        if lo is None:
+            raise ProtocolError("bad_from_ts", "label from_ts=None: expected a finite number")
         if hi is None:
             raise ProtocolError("missing_field", "label has from_ts without to_ts")
         if not lo <= hi or hi - lo > MAX_LABEL_SPAN_S:

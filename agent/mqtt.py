@@ -36,7 +36,10 @@ class BrokerURL:
         """
         if not isinstance(url, str) or "://" not in url:
             raise ConfigError(f"Invalid broker URL: {url!r} (expected mqtt://HOST[:PORT])")
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:           # e.g. "mqtt://[::1:1883": an unclosed IPv6 bracket
+            raise ConfigError(f"Invalid broker URL: {url!r} ({exc})") from None
         if parts.scheme not in SCHEMES:
             raise ConfigError(
                 f"Invalid broker URL: {url!r} (scheme {parts.scheme!r}, expected one of {sorted(SCHEMES)})")

@@ -393,8 +393,9 @@ class Worker:
         self.d.outbox.publish(self.d.topics.for_device(device).events, encode_event(
             device=device, type="error", reason=reason, detail=detail, ts=time.time()))
 
-    def reject(self, msg: Inbound, reason: str, detail: str) -> None:
-        self.d.metrics.dropped.inc(reason=reason)
+    def reject(self, msg: Inbound, reason: str, detail: str, *, count: bool = True) -> None:
+        if count:
+            self.d.metrics.dropped.inc(reason=reason)
         log.warning("rejected message on %s: %s", msg.topic, detail)
         self.d.outbox.publish(self.d.topics.for_device(msg.device).events, encode_event(
             device=msg.device, type="error", reason=reason, detail=detail, ts=time.time(),

@@ -22,9 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (each writes JSON and prints a table)")
     bench_sub = p.add_subparsers(dest="bench", metavar="BENCH")
     bench_sub.required = True
-    from agent.bench import e2e, fewshot, memory, predict
+    from agent.bench import e2e, fewshot, fuzz, memory, predict
 
     e2e.register(bench_sub)
+    fuzz.register(bench_sub)
     fewshot.register(bench_sub)
     memory.register(bench_sub)
     predict.register(bench_sub)

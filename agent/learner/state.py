@@ -15,7 +15,6 @@ A checkpoint of another bundle is refused: episodes are latents of *that* encode
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,13 +43,15 @@ def load_exemplars(bundle: Bundle, latent_dim: int) -> dict[str, np.ndarray]:
     the schema readout, also the statistics of every training latent (`CLASS_STATS`):
     ``class_counts`` (K,) ints >= 1, ``class_means`` (K, d), ``class_scatter`` (d, d)
     floats (returned as float64). Older bundles lack them: the keys are then absent."""
+    from agent.dataset import read_npz
+
     path = bundle.file("exemplars.npz")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            out = {k: z[k] for k in ("latents", "labels", "latent_mean")}
-            stats = {k: z[k] for k in CLASS_STATS if k in z.files}
-    except (KeyError, OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise BundleError(f"{path}: not a readable exemplars file ({exc})") from None
+    z = read_npz(path, BundleError)        # plain arrays only; sizes checked before reading
+    missing = [k for k in ("latents", "labels", "latent_mean") if k not in z]
+    if missing:
+        raise BundleError(f"{path}: not a readable exemplars file (no {missing})")
+    out = {k: z[k] for k in ("latents", "labels", "latent_mean")}
+    stats = {k: z[k] for k in CLASS_STATS if k in z}
     lat, lab, mean = out["latents"], out["labels"], out["latent_mean"]
     n_classes = len(bundle.classes)
     if lat.ndim != 2 or lat.shape[1] != latent_dim or lat.dtype != np.float32:

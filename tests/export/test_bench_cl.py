@@ -253,7 +253,7 @@ def test_data_in_the_wrong_format_is_a_one_line_error(capsys, tmp_path):
     bad.write_text("not a zip\n")
     out = tmp_path / "o.json"
     _one_line_error(capsys, ["bench", "cl", "--data", str(bad), "--json", str(out)],
-                    "bad.npz: cannot load without pickle")
+                    "bad.npz: not a readable .npz")
     (tmp_path / "zero.npz").write_bytes(b"")
     _one_line_error(capsys, ["bench", "cl", "--data", str(tmp_path / "zero.npz"),
                              "--json", str(out)], "not a readable .npz")
