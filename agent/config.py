@@ -69,8 +69,8 @@ class BrokerConfig:
     keepalive_s: int = 30
     session_expiry_s: int = 7 * 86400  # MQTT 5 session expiry; 3.1.1: clean session off when > 0
     tls: TLSConfig = TLSConfig()
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 30.0
+    reconnect_min_s: float = 0.25
+    reconnect_max_s: float = 1.5     # short: back within 2 s of the broker's return
     outbox_max: int = 10_000           # outgoing messages buffered while offline
 
     def __post_init__(self) -> None:

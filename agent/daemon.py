@@ -133,8 +133,8 @@ class Daemon(StatusMixin, MqttCallbacks):
                                    tls=config.broker.tls, manual_ack=True)
         self._client.will_set(self.own_topics.status, encode_status(state="offline",
                               agent=config.status_owner), qos=1, retain=True)
-        self._client.reconnect_delay_set(min_delay=max(1, round(config.broker.reconnect_min_s)),
-                                         max_delay=max(1, round(config.broker.reconnect_max_s)))
+        self._client.reconnect_delay_set(min_delay=config.broker.reconnect_min_s,
+                                         max_delay=config.broker.reconnect_max_s)
         self._client.max_queued_messages_set(config.broker.outbox_max)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect

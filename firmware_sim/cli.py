@@ -53,10 +53,12 @@ def _positive(kind):
 def register_sim(subparsers: argparse._SubParsersAction) -> None:
     """Add ``sim`` (and its ``dataset`` mode) to the ``reverie`` parser."""
     p = subparsers.add_parser(
-        "sim", help="simulated IMU devices publishing frames over MQTT (or: sim dataset)",
+        "sim", help="simulated devices publishing frames over MQTT (or: sim replay, "
+                    "sim dataset)",
         description="Simulated 6-channel IMU devices (50 Hz) publishing sensor frames to "
                     "{prefix}/{device}/frames, each switching between activity classes "
-                    "at random.",
+                    "at random; with --scenario, a scenario's devices (sensor model, "
+                    "impairments, network faults, labels, sleeps).",
         usage="reverie sim [options]\n       reverie sim --scenario NAME|FILE [options]\n"
               "       reverie sim replay --data D.npz --device ID [--rate HZ] [options]\n"
               "       reverie sim dataset --out D.npz [options]",

@@ -38,8 +38,11 @@ DEFAULT_SCENARIO = "wearable-imu"
 SHORT_SCENARIO = "smoke"
 TARGET_STREAM_WALL_S = 60.0      # default --speed: the stream takes about this long
 SHORT_STREAM_WALL_S = 12.0
-N_PER_CLASS, EPOCHS = 200, 30    # base-model training: seconds on 2 cores
+# Base-model training: seconds on 2 cores. One torch thread: on a busy 2-core machine two
+# threads took 2-5x longer (spinning).
+TRAINING = {"n_per_class": 200, "epochs": 30, "threads": 1}
 SLEEP_BUDGET_S = 5.0             # per commanded sleep (wall s): demo-sized
+SIGNALS_BUNDLE_NAME = "demo-base-v2"  # `ensure_bundle`'s; bump when firmware_sim.signals changes
 RECIPE = 3                       # bump when the training recipe below changes
 ONLINE_TIMEOUT_S = 60.0
 TAIL_QUIET_S, TAIL_MAX_S = 1.5, 15.0
@@ -98,18 +101,18 @@ def bundle_key(scenario) -> str:
 
     spec = {"model": scenario.model, "params": scenario.model_params,
             "base": list(scenario.base_classes), "window": scenario.window_samples,
-            "seed": scenario.seed, "n_per_class": N_PER_CLASS, "epochs": EPOCHS,
-            "recipe": RECIPE, "version": __version__, "code": _code_hash()}
+            "seed": scenario.seed, "training": TRAINING, "recipe": RECIPE, "version": __version__, "code": _code_hash()}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def ensure_bundle(scenario, models_dir: Path, *, retrain: bool = False) -> tuple[Path, float]:
+def ensure_base_bundle(scenario, models_dir: Path, *, retrain: bool = False
+                       ) -> tuple[Path, float]:
     """The cached base bundle for `scenario`, trained if missing; (path, seconds spent)."""
     from agent.bundle import load_bundle
     from agent.errors import BundleError
 
     key = bundle_key(scenario)
-    root = models_dir / f"{scenario.name}-{key}"
+    root = models_dir / f"{scenario.model}-{key}"  # scenarios that agree share a model
     bundle_dir = root / "bundle"
     if not retrain and bundle_dir.exists():
         try:
@@ -118,24 +121,46 @@ def ensure_bundle(scenario, models_dir: Path, *, retrain: bool = False) -> tuple
             return bundle_dir, 0.0
         except BundleError as exc:
             _say(f"cached base model unusable ({exc}): retraining")
+    t0 = time.perf_counter()  # torch's import is part of the cost
     from agent.dataset import save_dataset
     from export import train_bundle
     from firmware_sim.sensors import get_model, make_dataset
 
-    t0 = time.perf_counter()
     model = get_model(scenario.model, **scenario.model_params)
-    X, y, classes = make_dataset(model, N_PER_CLASS, scenario.window_samples,
+    X, y, classes = make_dataset(model, TRAINING["n_per_class"], scenario.window_samples,
                                  seed=scenario.seed, classes=scenario.base_classes)
     root.mkdir(parents=True, exist_ok=True)
     data = save_dataset(root / "train.npz", X, y, classes=classes, channels=model.channels,
                         sample_rate_hz=model.rate_hz)
     _say(f"training the base model on {', '.join(classes)} ({len(y)} windows of "
          f"{scenario.window_samples} samples); first run only")
-    train_bundle(data, bundle_dir, epochs=EPOCHS, seed=scenario.seed, threads=2,
-                 name=f"demo-{scenario.name}-{key}", force=True, verbose=False)
+    train_bundle(data, bundle_dir, epochs=TRAINING["epochs"], seed=scenario.seed,
+                 threads=TRAINING["threads"],
+                 name=f"demo-{scenario.model}-{key}", force=True, verbose=False)
     took = time.perf_counter() - t0
     _say(f"trained and exported in {took:.1f} s -> {bundle_dir}")
     return bundle_dir, took
+
+
+def ensure_bundle(cache_dir: Path, *, retrain: bool = False, seed: int = 0) -> Path:
+    """The 6-channel `firmware_sim.signals` bundle (idle/walk/run/stairs/shake/tilt) that
+    ``reverie bench e2e`` loads its daemon with: ``cache_dir/bundle``, trained if missing."""
+    from agent.bundle import load_bundle
+    from agent.errors import BundleError
+
+    bundle_dir = cache_dir / "bundle"
+    if not retrain and bundle_dir.exists():
+        try:
+            if load_bundle(bundle_dir).manifest.get("name") == SIGNALS_BUNDLE_NAME:
+                return bundle_dir
+        except BundleError:
+            pass
+    from export import train_bundle
+    from firmware_sim.signals import write_dataset
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    data = write_dataset(cache_dir / "train.npz", n_per_class=200, seed=seed)
+    return train_bundle(data, bundle_dir, name=SIGNALS_BUNDLE_NAME, seed=seed, force=True)
 
 
 # --- the agent -----------------------------------------------------------------------
@@ -223,16 +248,15 @@ def _choose(args: argparse.Namespace):
         speed = max(1.0, round(scenario.duration_s / target, 1))
     if not speed > 0 or speed != speed or speed == float("inf"):
         raise ConfigError(f"Invalid --speed: {speed!r} (expected a finite number > 0)")
+    if args.devices is not None and args.devices < 1:
+        raise ConfigError(f"Invalid --devices: {args.devices!r} (expected a count >= 1)")
     return scenario, speed
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.mqtt import BrokerURL, make_client
-    from agent.protocol import decode_json_object
-    from agent.topics import Topics
     from firmware_sim.broker import EmbeddedBroker, free_port
     from firmware_sim.dashboard import Dashboard
-    from firmware_sim.report import Scoreboard, rolling_n_for, write_report
+    from firmware_sim.report import Scoreboard, rolling_n_for, summary_lines, write_report
     from firmware_sim.runner import ScenarioRunner
 
     t_start = time.monotonic()
@@ -242,7 +266,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.bundle:
         bundle_dir, train_s = Path(args.bundle), 0.0
     else:
-        bundle_dir, train_s = ensure_bundle(scenario, out / "models", retrain=args.retrain)
+        bundle_dir, train_s = ensure_base_bundle(scenario, out / "models", retrain=args.retrain)
 
     broker = agent = probe = dash = None
     try:
@@ -270,37 +294,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                            rolling_n=rolling_n_for(len(runner.devices) * runner.n_frames
                                                    * runner.frame_samples
                                                    / scenario.window_samples))
-        runner.on_label, runner.on_event = board.on_label_sent, board.on_timeline
+        runner.on_frame, runner.on_label, runner.on_event = (
+            board.on_frame, board.on_label_sent, board.on_timeline)
 
         online = threading.Event()
-        topics = Topics("+", prefix)
-
-        def on_message(_c, _u, msg) -> None:
-            try:
-                body = decode_json_object(msg.payload, msg.topic)
-            except Exception:  # noqa: BLE001 - a demo printer must not die
-                return
-            kind = msg.topic.rsplit("/", 1)[-1]
-            if kind == "predictions":
-                board.on_prediction(body)
-            elif kind == "events":
-                board.on_event(body)
-            elif kind == "status" and body.get("state") == "online":
-                online.set()
-
-        probe = make_client(BrokerURL.parse(url), protocol=protocol)
-        probe.on_message = on_message
-        connected = threading.Event()
-        probe.on_connect = lambda c, *_: (c.subscribe([(topics.predictions, 0),
-                                                        (topics.events, 0),
-                                                        (Topics("gateway", prefix).status, 1)]),
-                                          connected.set())
-        b = BrokerURL.parse(url)
-        probe.connect(b.host, b.port)
-        probe.loop_start()
-        if not connected.wait(10):
-            _say(f"cannot connect to {url}")
-            return 1
+        probe = _subscribe(url, protocol, prefix, board, online)
         agent = _Agent(config, run_dir / "agent.log")
         t_agent = time.monotonic()
         while not online.wait(0.2):
@@ -313,31 +311,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
              f"devices, {scenario.duration_s:.0f} s at {speed:g}x, new classes "
              f"{', '.join(scenario.new_classes()) or 'none'}")
 
-        def poll_metrics() -> None:
-            try:
-                m = read_metrics(metrics_port)
-                board.set_memory(int(m.get("reverie_memory_episodes", 0)),
-                                 int(m.get("reverie_memory_capacity", 0)))
-            except OSError:
-                pass
-
-        def snapshot():
-            now = time.monotonic()
-            if now - poll_state["t"] >= 1.0:
-                poll_state["t"] = now
-                poll_metrics()
-            return board.snapshot()
-
-        poll_state = {"t": 0.0}
+        metrics = _MetricsPoller(metrics_port, board)
         live = sys.stdout.isatty() and not args.quiet
-        dash = Dashboard(snapshot, live=live).start()
+        dash = Dashboard(metrics.snapshot, live=live).start()
         t_stream = time.monotonic()
         stats = runner.run()
         stream_wall_s = time.monotonic() - t_stream
-        _wait_tail(board, stats)
-        poll_metrics()
+        _wait_tail(board)
+        metrics.poll()
         dash.stop()
         dash = None
+        probe.loop_stop()  # the scores are final from here on
+        probe.disconnect()
+        probe = None
         sim = runner.summary()
         elapsed = time.monotonic() - t_start
         png, js = write_report(board, out, scenario.name, extra={
@@ -354,7 +340,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "paths": {"bundle": str(bundle_dir), "agent_log": str(agent.log_path),
                       "state_dir": str(run_dir / "state")}})
         summary = json.loads(js.read_text())
-        _print_summary(summary)
+        for line in summary_lines(summary):
+            _say(line)
         if not summary["windows"]:
             _say("no predictions arrived: something is wrong (see the agent log)")
             return 1
@@ -373,41 +360,76 @@ def cmd_demo(args: argparse.Namespace) -> int:
             broker.stop()
 
 
-def _wait_tail(board, stats) -> None:
-    """Until the agent has answered the last windows and finished a running sleep."""
+def _subscribe(url: str, protocol: str, prefix: str, board, online: threading.Event):
+    """A client feeding the agent's predictions and events to `board`; sets `online` when
+    the agent's status says so."""
+    from agent.errors import BrokerError
+    from agent.mqtt import BrokerURL, make_client
+    from agent.protocol import decode_json_object
+    from agent.topics import Topics
+
+    topics = Topics("+", prefix)
+
+    def on_message(_c, _u, msg) -> None:
+        try:
+            body = decode_json_object(msg.payload, msg.topic)
+        except Exception:  # noqa: BLE001 - a demo printer must not die
+            return
+        kind = msg.topic.rsplit("/", 1)[-1]
+        if kind == "predictions":
+            board.on_prediction(body)
+        elif kind == "events":
+            board.on_event(body)
+        elif kind == "status" and body.get("state") == "online":
+            online.set()
+
+    client = make_client(BrokerURL.parse(url), protocol=protocol)
+    client.on_message = on_message
+    connected = threading.Event()
+    client.on_connect = lambda c, *_: (
+        c.subscribe([(topics.predictions, 0), (topics.events, 0),
+                     (Topics("gateway", prefix).status, 1)]), connected.set())
+    b = BrokerURL.parse(url)
+    client.connect(b.host, b.port)
+    client.loop_start()
+    if not connected.wait(10):
+        client.loop_stop()
+        raise BrokerError(f"cannot connect to {url}")
+    return client
+
+
+class _MetricsPoller:
+    """The scoreboard's snapshot with the memory fill from /metrics, at most once a second."""
+
+    def __init__(self, port: int, board):
+        self.port, self.board, self._last = port, board, 0.0
+
+    def poll(self) -> None:
+        self._last = time.monotonic()
+        try:
+            m = read_metrics(self.port)
+        except OSError:  # not up yet, or gone
+            return
+        self.board.set_memory(int(m.get("reverie_memory_episodes", 0)),
+                              int(m.get("reverie_memory_capacity", 0)))
+
+    def snapshot(self):
+        if time.monotonic() - self._last >= 1.0:
+            self.poll()
+        return self.board.snapshot()
+
+
+def _wait_tail(board) -> None:
+    """Until the agent has predicted the last windows, answered every label and finished
+    a running sleep (at most TAIL_MAX_S)."""
     deadline = time.monotonic() + TAIL_MAX_S
     last, quiet_since = -1, time.monotonic()
     while time.monotonic() < deadline:
         n = len(board.records)
         if n != last:
             last, quiet_since = n, time.monotonic()
-        sleeping = len(board.sleep_started) > len(board.sleeps)
-        if not sleeping and time.monotonic() - quiet_since >= TAIL_QUIET_S:
+        busy = (len(board.sleep_started) > len(board.sleeps)
+                or board.labels_learned + board.label_errors < board.labels_sent)
+        if not busy and time.monotonic() - quiet_since >= TAIL_QUIET_S:
             return
         time.sleep(0.1)
-
-
-def _print_summary(s: dict) -> None:
-    a = s["accuracy"]
-
-    def pct(x):
-        return "-" if x is None else f"{x:.1%}"
-
-    _say(f"done in {s['durations_s']['total']:.0f} s (training {s['durations_s']['training']:.0f} s, "
-         f"stream {s['durations_s']['stream_wall']:.0f} s): {s['windows']} windows, accuracy "
-         f"{pct(a['overall'])} overall, {pct(a['final_rolling'])} over the last "
-         f"{a['rolling_n']}")
-    _say(f"base classes: {pct(a['base_before_new_labels'])} before the first new-class label, "
-         f"{pct(a['base_after_new_labels'])} after")
-    for cls, n in a["new_classes"].items():
-        when = ("never labelled" if n["first_label_learned_s"] is None
-                else f"first label learned at {n['first_label_learned_s']:.0f} s")
-        _say(f"new class {cls!r}: arrived at {n['arrival_s']:.0f} s, {when}; recall "
-             f"{pct(n['recall_before_label'])} before ({n['windows_before_label']} windows) -> "
-             f"{pct(n['recall_after_label'])} after ({n['windows_after_label']} windows)")
-    sl = s["sleeps"]
-    _say(f"sleeps: {sl['accepted']} accepted, {sl['rolled_back']} rolled back; labels "
-         f"{s['labels']['sent']} sent, {s['labels']['learned']} learned; "
-         f"{s['throughput']['windows_per_s']} windows/s")
-    _say(f"report: {s['paths']['png']}")
-    _say(f"summary: {s['paths']['json']}")

@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.errors import BrokerError, ConfigError
 from agent.mqtt import BrokerURL, make_client
@@ -76,6 +76,17 @@ class SimStats:
     def within(self, tolerance: float = 0.01) -> bool:
         """Did every device reach the target rate within `tolerance` (relative)?"""
         return self.min_sample_rate_hz >= self.target_sample_rate_hz * (1 - tolerance)
+
+
+@dataclass
+class _Tally:
+    """What a run published so far."""
+
+    sent: list[int]  # frames per device index
+    dropped: int = 0
+    bytes: int = 0
+    messages: int = 0
+    pending: list = field(default_factory=list)  # QoS 1 infos, maybe not yet acknowledged
 
 
 def check_protocol(protocol: str) -> str:
@@ -266,48 +277,55 @@ class Engine:
                 return
         self._stop.wait(timeout)
 
+    def _publish(self, out: list, tally: _Tally) -> None:
+        """Publish `out` (and clear it), counting into `tally`."""
+        client = self._client
+        for topic, payload, qos, dev in out:
+            info = client.publish(topic, payload, qos=qos) if self._connected else None
+            ok = info is not None and info.rc == 0
+            if ok:
+                tally.messages += 1
+                if qos:
+                    tally.pending.append(info)
+            if dev >= 0:
+                if ok:
+                    tally.sent[dev] += 1
+                    tally.bytes += len(payload)
+                else:
+                    tally.dropped += 1
+        out.clear()
+        if len(tally.pending) > 1000:  # forget the acknowledged ones now and then
+            tally.pending = [i for i in tally.pending if not i.is_published()]
+
+    def _wait_until(self, deadline: float, last_try: list[float]) -> float:
+        """Serve the network until `deadline` (monotonic) or a stop; the time left (< 0: late)."""
+        while (delay := deadline - time.monotonic()) > EARLY_S and not self._stop.is_set():
+            self._service(min(delay, MAX_WAIT_S), last_try)
+        return delay
+
     def _loop(self) -> SimStats:
-        client, speed = self._client, self.speed
-        n = len(self.devices)
-        sent = [0] * n
+        client, speed, n = self._client, self.speed, len(self.devices)
+        tally = _Tally([0] * n)
         t_first = [0.0] * n  # wall time of each device's first and last frame
         t_last = [0.0] * n
         produced = [0] * n
-        dropped = n_bytes = n_messages = 0
         max_lag_s = stream_s = 0.0
         last_try = [0.0]
-        pending_qos1 = []  # infos of QoS 1 messages not yet acknowledged
         out: list = []
         t_start = t_end = time.monotonic()
         since_service = 0
         for i, k, due in self.slots():
             if self._stop.is_set():
                 break
-            deadline = t_start + due / speed
-            while True:
-                delay = deadline - time.monotonic()
-                if delay <= EARLY_S or self._stop.is_set():
-                    break
-                self._service(min(delay, MAX_WAIT_S), last_try)
+            ahead = t_start + due / speed - time.monotonic()
+            if ahead > EARLY_S:
+                ahead = self._wait_until(t_start + due / speed, last_try)
                 since_service = 0
             if self._stop.is_set():
                 break
-            max_lag_s = max(max_lag_s, -delay)
+            max_lag_s = max(max_lag_s, -ahead)
             self.produce(i, k, due, out)
-            for topic, payload, qos, dev in out:
-                info = client.publish(topic, payload, qos=qos) if self._connected else None
-                ok = info is not None and info.rc == 0
-                if ok:
-                    n_messages += 1
-                    if qos:
-                        pending_qos1.append(info)
-                if dev >= 0:
-                    if ok:
-                        sent[dev] += 1
-                        n_bytes += len(payload)
-                    else:
-                        dropped += 1
-            out.clear()
+            self._publish(out, tally)
             t_end, stream_s = time.monotonic(), due
             if not produced[i]:
                 t_first[i] = t_end
@@ -323,31 +341,20 @@ class Engine:
                 since_service = 0
         t_s = stream_s
         while self.finish is not None and t_s is not None and not self._stop.is_set():
-            deadline = t_start + t_s / speed
-            while (delay := deadline - time.monotonic()) > EARLY_S and not self._stop.is_set():
-                self._service(min(delay, MAX_WAIT_S), last_try)
+            self._wait_until(t_start + t_s / speed, last_try)
             again = self.finish(t_s, out)
-            for topic, payload, qos, dev in out:
-                info = client.publish(topic, payload, qos=qos) if self._connected else None
-                if info is not None and info.rc == 0:
-                    n_messages += 1
-                    if qos:
-                        pending_qos1.append(info)
-                    if dev >= 0:
-                        sent[dev] += 1
-                        n_bytes += len(payload)
-            out.clear()
+            self._publish(out, tally)
             t_s = again
-        self._flush(pending_qos1)
+        self._flush(tally.pending)
         rates = [(produced[i] - 1) * self.frame_samples / (t_last[i] - t_first[i])
                  for i in range(n) if produced[i] > 1 and t_last[i] > t_first[i]]
         return SimStats(
-            frames_sent=dict(zip(self.devices, sent, strict=True)), frames_dropped=dropped,
-            bytes_sent=n_bytes, elapsed_s=t_end - t_start,
+            frames_sent=dict(zip(self.devices, tally.sent, strict=True)),
+            frames_dropped=tally.dropped, bytes_sent=tally.bytes, elapsed_s=t_end - t_start,
             sample_rate_hz=sum(rates) / len(rates) if rates else 0.0,
             target_sample_rate_hz=self.rate_hz * speed, max_lag_s=max_lag_s,
             min_sample_rate_hz=min(rates) if len(rates) == n else 0.0,
-            stream_s=stream_s, messages_sent=n_messages)
+            stream_s=stream_s, messages_sent=tally.messages)
 
     def _flush(self, pending_qos1: list, timeout_s: float = 2.0) -> None:
         """Write out what is queued and wait (bounded) for the QoS 1 acknowledgements."""

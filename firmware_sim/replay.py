@@ -9,12 +9,15 @@ order; the frames, their seq and ts simply continue.
 Ground truth is the class of each window; a *segment* is a run of consecutive windows of
 one class (runs meet across passes too). When the stream passes a segment's end, an
 `Oracle` (`labels` = the fraction labelled, `label_delay_s`, no label noise) decides whether
-and when its label is published, as a time range over the windows whose majority lies in the
-segment (`firmware_sim.runner.label_range`, with the dataset's window as the agent's window).
+and when its label is published, as a time range over the windows wholly inside the run:
+``[start, end - T]`` (a quarter sample of margin each side). An agent whose window is the
+dataset's ``T`` and that sees the stream from its first frame cuts exactly the dataset's
+windows, so each label names exactly the windows of its run (unlike a scenario's segments,
+whose boundaries fall anywhere in the agent's windows: `firmware_sim.runner.label_range`).
 Pacing, publishing and rate accounting are the engine's (`firmware_sim.engine`).
 
->>> r = Replay("data/imu.npz", "mqtt://127.0.0.1:1883", device="rec-1", rate_hz=50)  # doctest: +SKIP
->>> stats = r.run()                                                                  # doctest: +SKIP
+>>> r = Replay("data/imu.npz", "mqtt://127.0.0.1:1883", device="rec-1")  # doctest: +SKIP
+>>> stats = r.run()                                                       # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from agent.protocol import MAX_CHANNELS, MAX_SAMPLES
 from agent.topics import DEFAULT_PREFIX, Topics
 from firmware_sim.engine import Engine, SimStats
 from firmware_sim.impair import Oracle
-from firmware_sim.runner import LabelCallback, label_range
+from firmware_sim.runner import LabelCallback
 from firmware_sim.scenario import LabelOracle
 from firmware_sim.sim import ENCODERS, FrameCallback, check_speed
 
@@ -80,7 +83,8 @@ class Replay:
         if not label_delay_s >= 0:
             raise ConfigError(f"Invalid label_delay_s: {label_delay_s!r} (expected seconds >= 0)")
         if encoding not in ENCODERS:
-            raise ConfigError(f"Invalid encoding: {encoding!r} (expected one of {sorted(ENCODERS)})")
+            raise ConfigError(f"Invalid encoding: {encoding!r} "
+                              f"(expected one of {sorted(ENCODERS)})")
         try:
             self.topics = Topics(device, prefix)
         except ValueError as exc:
@@ -200,8 +204,11 @@ class Replay:
                 continue  # in the dropped tail
             start_ts = self._t0 + self._seg_starts[i] / self.rate_hz
             end_ts = self._t0 + seg_end / self.rate_hz
-            span = label_range(start_ts, end_ts, self.window_s, self.rate_hz)
-            label = span and self._oracle.segment(self.device, self._seg_classes[i], start_ts,
+            # the windows wholly inside the run: exactly the dataset's windows when the
+            # agent's windows line up with them (same length, the stream from sample 0)
+            quarter = 0.25 / self.rate_hz
+            span = (start_ts - quarter, end_ts - self.window_s + quarter)
+            label = self._oracle.segment(self.device, self._seg_classes[i], start_ts,
                                                   end_ts, self.classes)
             if label:
                 payload = dict(label["payload"])

@@ -5,12 +5,13 @@ runner's ground truth (the majority class of the frames the window covers) at it
 time* (the first frame's, ``seq_first * frame_s``), so the numbers do not depend on how
 fast the machine ran. Agent events carry wall-clock stamps, which do not map onto stream
 time at ``--speed`` > 1; an event is placed instead at the *agent's clock*: the end of the
-newest window it has predicted when the event arrives (what the agent had seen by then).
+start of the newest window it has predicted when the event arrives.
 
 A new class's windows are split at its first label the agent confirmed (``label`` event,
-``reason`` learned): recall *before* is what the base model does with a class it never saw
-(about 0), *after* is what learning did. Base classes are split at the first new-class
-label, which shows whether learning the new ones cost the old ones.
+``reason`` learned), by arrival order: a prediction that arrived after that event counts
+*after* (the agent publishes both in order). Recall *before* is what the base model does
+with a class it never saw (about 0), *after* is what learning did. Base classes are split
+at the first new-class label, which shows whether learning the new ones cost the old ones.
 
 `write_report` turns a `Scoreboard` into ``<stem>.json`` (`Scoreboard.summary`) and
 ``<stem>.png``: rolling accuracy over stream time with new-class arrivals, first labels and
@@ -67,12 +68,16 @@ class Scoreboard:
         self.arrivals = {e["class"]: e["t_s"] for e in timeline if e["type"] == "new_class"}
         self._lock = threading.Lock()
         self._t0 = time.monotonic()
-        self.records: list[tuple[float, str, str, str]] = []  # (stream s, device, truth, predicted)
+        self.records: list[tuple[float, str, str, str]] = []  # (stream s, device, truth,
+        #                                                         predicted), in arrival order
         self._recent: deque[bool] = deque(maxlen=rolling_n)
         self._arrivals_wall: deque[float] = deque(maxlen=2000)
-        self.agent_s = 0.0           # end of the newest predicted window, stream s
+        self.agent_s = 0.0           # start of the newest predicted window, stream s
+        self.stream_s = 0.0          # the simulator's position (`on_frame`), stream s
         self.first_label_s: dict[str, float] = {}  # class -> agent clock at its first learned label
-        self.labels_sent = self.labels_learned = self.errors = self.novelty = 0
+        self.first_label_at: dict[str, int] = {}   # class -> predictions received before it
+        self.labels_sent = self.labels_learned = self.label_errors = 0
+        self.errors = self.novelty = 0
         self.error_reasons: Counter = Counter()
         self.sleeps: list[dict] = []  # finished: {"t_s", "outcome", "duration_s", ...}
         self.sleep_started: list[float] = []
@@ -95,7 +100,7 @@ class Scoreboard:
             self.records.append((first * self.frame_s, device, truth, label))
             self._recent.append(truth == label)
             self._arrivals_wall.append(time.monotonic())
-            self.agent_s = max(self.agent_s, (last + 1) * self.frame_s)
+            self.agent_s = max(self.agent_s, first * self.frame_s)
         return True
 
     def on_event(self, body: dict) -> None:
@@ -108,6 +113,7 @@ class Scoreboard:
                 label = str(body.get("label"))
                 if label not in self.first_label_s:
                     self.first_label_s[label] = t
+                    self.first_label_at[label] = len(self.records)
                     if body.get("new_class"):
                         self._note(t, f"learned a new class from a label: {label!r}")
             elif kind == "sleep" and reason == "started":
@@ -119,12 +125,19 @@ class Scoreboard:
                                     "duration_s": report.get("duration_s"),
                                     "adapter_version": report.get("adapter_version"),
                                     "detail": body.get("detail")})
-                self._note(t, f"sleep {reason}: {body.get('detail')}")
+                detail = body.get("detail")
+                self._note(t, f"sleep {reason}" + (f": {detail}" if detail and detail != reason
+                                                   else ""))
             elif kind == "novelty":
                 self.novelty += 1
             elif kind == "error":
                 self.errors += 1
                 self.error_reasons[str(reason)] += 1
+                self.label_errors += str(body.get("topic", "")).endswith("/labels")
+
+    def on_frame(self, device: str, seq: int, ts: float, values, cls: str) -> None:
+        """The runner generated a frame (engine thread: one float store, no lock)."""
+        self.stream_s = (seq + 1) * self.frame_s
 
     def on_label_sent(self, device: str, payload: dict) -> None:
         with self._lock:
@@ -149,11 +162,11 @@ class Scoreboard:
 
     # --- views -----------------------------------------------------------------
 
-    def _split_s(self, cls: str) -> float | None:
-        """Where `cls`'s windows split into before / after (module docstring)."""
+    def _split(self, cls: str) -> int | None:
+        """Index of the first record of `cls` counted *after* (module docstring)."""
         if cls in self.arrivals:
-            return self.first_label_s.get(cls)
-        firsts = [self.first_label_s[c] for c in self.arrivals if c in self.first_label_s]
+            return self.first_label_at.get(cls)
+        firsts = [self.first_label_at[c] for c in self.arrivals if c in self.first_label_at]
         return min(firsts) if firsts else None
 
     def _counts(self) -> tuple[dict[str, list[int]], dict[str, list[int]], dict[str, list[int]]]:
@@ -161,10 +174,10 @@ class Scoreboard:
         total = {c: [0, 0] for c in self.classes}
         before = {c: [0, 0] for c in self.classes}
         after = {c: [0, 0] for c in self.classes}
-        splits = {c: self._split_s(c) for c in self.classes}
-        for t, _, truth, label in self.records:
+        splits = {c: self._split(c) for c in self.classes}
+        for i, (_, _, truth, label) in enumerate(self.records):
             ok = int(truth == label)
-            part = before if splits.get(truth) is None or t < splits[truth] else after
+            part = before if splits.get(truth) is None or i < splits[truth] else after
             for d in (total, part):
                 d.setdefault(truth, [0, 0])
                 d[truth][0] += ok
@@ -175,13 +188,13 @@ class Scoreboard:
         phases = [e for e in self.timeline if e["type"] == "phase" and e["t_s"] <= t_s]
         return phases[-1]["name"] if phases else "-"
 
-    def snapshot(self, stream_s: float | None = None) -> Snapshot:
+    def snapshot(self) -> Snapshot:
         with self._lock:
             total, before, after = self._counts()
             now = time.monotonic()
             recent = [t for t in self._arrivals_wall if t >= now - 5.0]
             span = min(5.0, now - self._t0)
-            t = self.agent_s if stream_s is None else stream_s
+            t = max(self.stream_s, self.agent_s)
             n_ok = sum(total[c][0] for c in total)
             n = sum(total[c][1] for c in total)
             return Snapshot(
@@ -207,7 +220,9 @@ class Scoreboard:
         """The JSON summary's measurements (`write_report` adds paths and timings)."""
         with self._lock:
             total, before, after = self._counts()
-            records = sorted(self.records)
+            records = list(self.records)
+            base_split = self._split(self.base_classes[0]) if self.base_classes else None
+            first_label_s = dict(self.first_label_s)
 
         def acc(rows: list) -> float | None:
             return round(sum(r[2] == r[3] for r in rows) / len(rows), 4) if rows else None
@@ -215,8 +230,11 @@ class Scoreboard:
         def ratio(pair: list[int]) -> float | None:
             return round(pair[0] / pair[1], 4) if pair[1] else None
 
-        base_split = self._split_s(self.base_classes[0]) if self.base_classes else None
+        if base_split is None:
+            base_split = len(records)
         base = [r for r in records if r[2] in self.base_classes]
+        base_before = [r for r in records[:base_split] if r[2] in self.base_classes]
+        base_after = [r for r in records[base_split:] if r[2] in self.base_classes]
         per_device = Counter(r[1] for r in records)
         outcomes = Counter(s["outcome"] for s in self.sleeps)
         return {
@@ -227,13 +245,11 @@ class Scoreboard:
                 "final_rolling": acc(records[-self.rolling_n:]),
                 "rolling_n": self.rolling_n,
                 "base": acc(base),
-                "base_before_new_labels": acc([r for r in base if base_split is None
-                                               or r[0] < base_split]),
-                "base_after_new_labels": (acc([r for r in base if r[0] >= base_split])
-                                          if base_split is not None else None),
+                "base_before_new_labels": acc(base_before),
+                "base_after_new_labels": acc(base_after),
                 "new_classes": {c: {"arrival_s": round(a, 2),
-                                    "first_label_learned_s": (round(self.first_label_s[c], 2)
-                                                              if c in self.first_label_s else None),
+                                    "first_label_learned_s": (round(first_label_s[c], 2)
+                                                              if c in first_label_s else None),
                                     "recall_before_label": ratio(before[c]),
                                     "windows_before_label": before[c][1],
                                     "recall_after_label": ratio(after[c]),
@@ -250,7 +266,7 @@ class Scoreboard:
                                     if k not in ("accepted", "rolled_back")),
                        "runs": self.sleeps},
             "labels": {"sent": self.labels_sent, "learned": self.labels_learned,
-                       "classes_learned": sorted(self.first_label_s)},
+                       "failed": self.label_errors, "classes_learned": sorted(first_label_s)},
             "memory": (None if self.memory is None else
                        {"episodes": self.memory[0], "capacity": self.memory[1]}),
             "novelty_events": self.novelty,
@@ -278,7 +294,8 @@ def plot_report(board: Scoreboard, summary: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = sorted(board.records)
+    with board._lock:
+        records = sorted(board.records)
     fig, (ax, bx) = plt.subplots(2, 1, figsize=(11, 8), height_ratios=[3, 2])
     fig.suptitle(f"reverie demo: {board.scenario}  (overall accuracy "
                  f"{_fmt(summary['accuracy']['overall'])}, {len(records)} windows)")
@@ -305,16 +322,19 @@ def plot_report(board: Scoreboard, summary: dict, path: Path) -> Path:
         if cls in board.first_label_s:
             ax.axvline(board.first_label_s[cls], color=c, ls=":", lw=1.5,
                        label=f"first '{cls}' label learned")
-    for j, s in enumerate(board.sleeps):
-        bad = s["outcome"] != "accepted"
-        ax.axvline(s["t_s"], color="tab:red" if bad else "tab:green", lw=2, alpha=0.7,
-                   label=(f"sleep {s['outcome']}" if j == 0 or bad else None))
+    seen: set[str] = set()
+    for s in board.sleeps:
+        ax.axvline(s["t_s"], color="tab:green" if s["outcome"] == "accepted" else "tab:red",
+                   lw=2, alpha=0.7,
+                   label=None if s["outcome"] in seen else f"sleep {s['outcome']}")
+        seen.add(s["outcome"])
     ax.set_xlim(0, board.duration_s)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("stream time (s)")
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower left", fontsize=8)
 
     per = summary["per_class_recall"]
     names = [c for c in board.classes if c in per]
@@ -326,10 +346,12 @@ def plot_report(board: Scoreboard, summary: dict, path: Path) -> Path:
         vals = [per[c][key] if per[c][key] is not None else np.nan for c in names]
         bx.bar(x + (k - 0.5) * 0.38, vals, width=0.38, color=col, label=lab)
     bx.set_xticks(x, [f"{c}\n(new)" if c in board.arrivals else c for c in names])
-    bx.set_ylim(0, 1.05)
+    bx.set_ylim(0, 1.3)  # headroom for the legend
+    bx.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     bx.set_ylabel("recall")
     bx.grid(axis="y", alpha=0.3)
-    bx.legend(loc="upper right", fontsize=8)
+    if names:
+        bx.legend(loc="upper center", fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -338,3 +360,27 @@ def plot_report(board: Scoreboard, summary: dict, path: Path) -> Path:
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.1%}"
+
+
+def summary_lines(s: dict) -> list[str]:
+    """The JSON summary in a few lines for the terminal."""
+    a, sl = s["accuracy"], s["sleeps"]
+    d = s["durations_s"]
+    out = [f"done in {d['total']:.0f} s (training {d['training']:.0f} s, stream "
+           f"{d['stream_wall']:.0f} s): {s['windows']} windows, accuracy {_fmt(a['overall'])} "
+           f"overall, {_fmt(a['final_rolling'])} over the last {a['rolling_n']}",
+           f"base classes: {_fmt(a['base_before_new_labels'])} before the first new-class "
+           f"label, {_fmt(a['base_after_new_labels'])} after"]
+    for cls, n in a["new_classes"].items():
+        when = ("never labelled during the run" if n["first_label_learned_s"] is None
+                else f"first label learned at {n['first_label_learned_s']:.0f} s")
+        out.append(f"new class {cls!r}: arrived at {n['arrival_s']:.0f} s, {when}; recall "
+                   f"{_fmt(n['recall_before_label'])} before ({n['windows_before_label']} "
+                   f"windows) -> {_fmt(n['recall_after_label'])} after "
+                   f"({n['windows_after_label']} windows)")
+    out += [f"sleeps: {sl['accepted']} accepted, {sl['rolled_back']} rolled back; labels "
+            f"{s['labels']['sent']} sent, {s['labels']['learned']} learned; "
+            f"{s['throughput']['windows_per_s']} windows/s",
+            f"report: {s['paths']['png']}",
+            f"summary: {s['paths']['json']}"]
+    return out

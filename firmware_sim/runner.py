@@ -14,8 +14,11 @@ ground truth and the unit the oracle labels. The whole schedule is drawn up fron
 truth of any frame (`truth`, `truth_at`, `truth_ts`) and the scenario's event timeline
 (`timeline`) are known before the run starts.
 
-A frame's journey: samples come from the source in blocks of up to `BLOCK_S` seconds (never
-across a bout), which amortises numpy's per-call cost over many frames; the impairment
+A frame's journey: samples come from the source in blocks of about `BLOCK_SAMPLES` (never
+across a bout), generated ahead, which amortises numpy's per-call cost over many frames;
+the devices' first blocks have staggered lengths, so their refills never all fall into the
+same frame period (200 devices refilling at once would stall the loop for ~100 ms); the
+impairment
 turns the block into what a worn sensor reports; the frame is encoded (binary by default);
 a device in a *dropout* fault sends nothing; the network shaper decides what is published
 (nothing while disconnected, lost bursts, duplicates, reordering, malformed payloads).
@@ -29,9 +32,9 @@ labelled. The label is a time range on ``{prefix}/{device}/labels`` (QoS 1), and
 the windows whose *majority* lies in the segment: the agent labels every window whose first
 sample's ts is in ``[from_ts, to_ts]``, so the range is the segment shifted back by half an
 agent window (``window_samples``), less a quarter sample at each end (`label_range`). Whatever
-the agent's window phase, no label covers a window that is mostly another class, every
-segment at least a window long covers at least one window, and a segment of at most half a
-window (no window is mostly in it) is never labelled. Labels still due after the last frame (the
+the agent's window phase, no label covers a window that is mostly another class and every
+labelled segment covers at least one window: segments no longer than a window (which may
+hold no window start) are never labelled. Labels still due after the last frame (the
 final segments') are sent on time after it: the run ends with the last label.
 
 Sleeps: ``{"cmd": "sleep"}`` (QoS 1) to the first device's ``cmd`` topic at each of
@@ -66,8 +69,10 @@ from firmware_sim.scenario import Scenario, load_scenario
 from firmware_sim.sensors import get_model
 from firmware_sim.sim import ENCODERS, FrameCallback, check_speed
 
-BLOCK_S = 0.5  # samples generated per source call, in stream seconds (at most MAX_BLOCK frames)
-MAX_BLOCK = 64
+# Samples generated per source call (whole frames, never across a bout): a call costs
+# ~65 us + ~0.75 us per sample for the IMU model, so 512-sample blocks bring a 16-sample
+# frame from ~70 us to ~13 us, while one refill (~0.45 ms) stays well under a frame period.
+BLOCK_SAMPLES = 512
 
 LabelCallback = Callable[[str, dict], None]
 EventCallback = Callable[[dict], None]
@@ -76,16 +81,20 @@ EventCallback = Callable[[dict], None]
 def label_range(start_ts: float, end_ts: float, window_s: float, rate_hz: float
                 ) -> tuple[float, float] | None:
     """``(from_ts, to_ts)`` naming the windows whose majority lies in ``[start_ts, end_ts)``
-    (see the module docstring), or None for a segment of at most half a window, which no
-    window has a majority in.
+    (see the module docstring), or None for a segment no longer than a window.
 
     A window starting at ``s`` has ``min(s + W, end) - max(s, start)`` of the segment: more
     than ``W / 2`` exactly when ``start - W / 2 < s < end - W / 2`` and the segment is
-    longer than ``W / 2``. Window starts lie on the sample grid and the interval's ends on
-    it or halfway between, so a quarter sample of margin turns the open interval into the
-    closed range the agent uses, with no window start near either bound.
+    longer than ``W / 2``. That open range is as long as the segment, and the agent starts
+    a window every ``W`` (its default hop), so a segment longer than a window always holds
+    one, whatever the agent's window phase; one of at most a window may hold none (exactly
+    a window: the window that straddles it half and half), and a label naming no window is
+    refused (``unknown_window``): such segments get no label. Window starts
+    lie on the sample grid and the range's ends on it or halfway between, so a quarter
+    sample of margin turns the open interval into the closed range the agent uses, with no
+    window start near either bound.
     """
-    if 2 * round((end_ts - start_ts) * rate_hz) <= round(window_s * rate_hz):  # in samples
+    if round((end_ts - start_ts) * rate_hz) <= round(window_s * rate_hz):  # in samples
         return None
     quarter = 0.25 / rate_hz
     return start_ts - window_s / 2 + quarter, end_ts - window_s / 2 - quarter
@@ -132,6 +141,9 @@ class _Device:
         self.shaper = NetworkShaper(sc.network, net_seed)
         self.oracle = Oracle(sc.labels, oracle_seed)
         self.bout = 0  # index of the bout being generated
+        # staggered first block (1..block_frames frames): spreads the refills of the fleet
+        b = runner.block_frames
+        self.next_block = b - index * b // runner.scenario.devices
         self.block = np.zeros((0, len(model.channels)), np.float32)
         self.block_k = 0  # frame index of the block's first frame
         self.outbox: deque[bytes] = deque(maxlen=max(0, round(runner.outbox_s / runner.frame_s)))
@@ -145,7 +157,8 @@ class _Device:
             if k == self.bout_starts[self.bout + 1]:
                 self.bout += 1
                 self.source.set_class(self.bouts[self.bout][1])
-            n = min(runner.block_frames, self.bout_starts[self.bout + 1] - k)
+            n = min(self.next_block, self.bout_starts[self.bout + 1] - k)
+            self.next_block = runner.block_frames
             raw = self.source.read(n * fs)  # (n * S, C)
             self.block = self.impair.apply(raw, k * runner.frame_s)
             self.block_k, j = k, 0
@@ -163,7 +176,7 @@ class ScenarioRunner:
     >>> r = ScenarioRunner("smoke", "mqtt://127.0.0.1:1883", speed=4)  # doctest: +SKIP
     >>> stats = r.run()                                                   # doctest: +SKIP
     >>> r.truth("sim-000", 10), r.summary()["labels_sent"]                # doctest: +SKIP
-    ('idle', 7)
+    ('run', 4)
     """
 
     def __init__(self, scenario: Scenario | str | Path, broker_url: str, *,
@@ -178,7 +191,8 @@ class ScenarioRunner:
                 raise ConfigError(f"Invalid devices: {devices!r} (expected a count >= 1)")
             sc = replace(sc, devices=devices)
         if encoding not in ENCODERS:
-            raise ConfigError(f"Invalid encoding: {encoding!r} (expected one of {sorted(ENCODERS)})")
+            raise ConfigError(f"Invalid encoding: {encoding!r} "
+                              f"(expected one of {sorted(ENCODERS)})")
         if not outbox_s >= 0:
             raise ConfigError(f"Invalid outbox_s: {outbox_s!r} (expected seconds >= 0)")
         try:
@@ -192,7 +206,7 @@ class ScenarioRunner:
         self.frame_s = sc.frame_samples / self.rate_hz
         self.window_s = sc.window_samples / self.rate_hz
         self.n_frames = max(1, round(sc.duration_s / self.frame_s))  # per device
-        self.block_frames = max(1, min(MAX_BLOCK, round(BLOCK_S / self.frame_s)))
+        self.block_frames = max(1, round(BLOCK_SAMPLES / sc.frame_samples))
         self.prefix, self.start_ts, self.outbox_s = prefix, start_ts, outbox_s
         self.on_frame, self.on_label, self.on_event = on_frame, on_label, on_event
         self._encode = ENCODERS[encoding]
@@ -337,8 +351,10 @@ class ScenarioRunner:
             self.labels_sent += 1
             if self.on_label is not None:
                 self.on_label(d.name, payload)
-        while self._next_event < len(self.timeline) and self.timeline[self._next_event]["t_s"] <= t_s:
-            ev = dict(self.timeline[self._next_event], ts=self._t0 + self.timeline[self._next_event]["t_s"])
+        timeline = self.timeline
+        while self._next_event < len(timeline) and timeline[self._next_event]["t_s"] <= t_s:
+            ev = timeline[self._next_event]
+            ev = dict(ev, ts=self._t0 + ev["t_s"])
             self._next_event += 1
             if ev["type"] == "sleep":
                 out.append((self._devices[0].topics.cmd, b'{"cmd":"sleep"}', 1, -1))

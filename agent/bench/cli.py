@@ -22,8 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (each writes JSON and prints a table)")
     bench_sub = p.add_subparsers(dest="bench", metavar="BENCH")
     bench_sub.required = True
-    from agent.bench import e2e, fewshot, fuzz, memory, predict
+    from agent.bench import chaos, e2e, fewshot, fuzz, memory, predict
 
+    chaos.register(bench_sub)
     e2e.register(bench_sub)
     fuzz.register(bench_sub)
     fewshot.register(bench_sub)

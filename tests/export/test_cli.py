@@ -65,7 +65,7 @@ Y_OK = np.arange(40) % 4
     ({"X": X_OK.reshape(40, 2, 2, 2), "y": Y_OK}, "expected shape (N, C, T) or (N, F)"),
     ({"X": np.where(np.eye(40, 8) > 0, np.nan, X_OK), "y": Y_OK}, "NaN"),
     ({"X": X_OK.astype(str), "y": Y_OK}, "expected a float array"),
-    ({"X": X_OK.astype(object), "y": Y_OK}, "cannot load without pickle"),
+    ({"X": X_OK.astype(object), "y": Y_OK}, "needs pickle: refused"),
     ({"X": X_OK, "y": np.zeros(40, int)}, "training needs >= 2 classes"),
     ({"X": X_OK[:5], "y": np.array([0, 0, 0, 0, 1])}, "too few training samples per class"),
 ])

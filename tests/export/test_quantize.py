@@ -150,7 +150,7 @@ def _bad_calibrations(tmp_path: Path, digits_npz: Path) -> dict[str, tuple[Path,
     return {"wrong shape": (digits_npz, "windows have shape [64], the bundle expects [6, 128]"),
             "missing key": (missing_y, "missing key 'y'"),
             "no such file": (tmp_path / "nope.npz", "no such file"),
-            "not an npz": (garbage, "garbage.npz: cannot load"),
+            "not an npz": (garbage, "garbage.npz: not a readable .npz"),
             "other classes": (other, "none of the bundle's classes")}
 
 

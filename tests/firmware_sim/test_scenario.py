@@ -53,7 +53,7 @@ def test_every_shipped_scenario_loads_and_round_trips(name):
 def test_smoke_is_short_with_a_new_class_and_a_sleep():
     s = load_scenario("smoke")
     assert 20 <= s.duration_s <= 40
-    assert s.new_classes() == {"shake": 15.0} and s.sleep_at_s
+    assert s.new_classes() == {"shake": 10.0} and s.sleep_at_s
 
 
 def test_factory_vibration_has_what_the_issue_asks_for():
