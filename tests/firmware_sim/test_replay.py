@@ -1,6 +1,7 @@
 """Replay: an NPZ dataset streamed as one device's frames, with labels through the oracle."""
 
 import json
+import time
 import uuid
 
 import numpy as np
@@ -141,7 +142,11 @@ def test_replay_over_the_broker_teaches_the_agent(sim_bundle, broker_url, broker
                            "--label-delay", "0.5", "--speed", "8", "--broker", broker_url,
                            "--prefix", prefix, "--protocol", protocol])
         assert rc == 0
-        frames = [m for m in probe.messages if m.topic.endswith("/frames")]
+        # the replay returned once it published; the probe receives asynchronously
+        frames = probe.wait_for_count(4 * 128 // 32, topic=f"{prefix}/rec-1/frames",
+                                      timeout_s=10)
+        probe.wait_for(lambda ms: any(m.topic.endswith("/labels") for m in ms), timeout_s=10)
+        time.sleep(0.5)                               # the last label, if any, is on its way
         sent = [m.json() for m in probe.messages if m.topic.endswith("/labels")]
         assert len(frames) == 4 * 128 // 32 and sent
         probe.wait_for(lambda ms: len([m for m in ms if m.topic.endswith("/events")
