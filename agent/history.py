@@ -116,8 +116,11 @@ class WindowHistory:
     def save(self, path: str | Path, bundle_id: str, *, clean: bool = False) -> None:
         """Write every ring to `path` atomically (npz, no pickle). ``clean``: written by a
         clean shutdown, so no window id was handed out after it."""
-        import io
+        write_snapshot(path, self.snapshot(bundle_id, clean=clean))
 
+    def snapshot(self, bundle_id: str, *, clean: bool = False) -> dict[str, np.ndarray]:
+        """Copies of the rings (cheap: a few memcpy), to be written by `write_snapshot`
+        on another thread, so the owner of the history never waits for the disk."""
         arrays: dict[str, np.ndarray] = {
             "format": np.array(FORMAT), "bundle_id": np.array(bundle_id),
             "clean": np.array(bool(clean)),
@@ -128,10 +131,8 @@ class WindowHistory:
             arrays[f"lat_{i}"] = r.latents[keep]
             arrays[f"idx_{i}"] = r.index[keep]
             arrays[f"ts_{i}"] = r.ts[keep]
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
         self.dirty = False
-        replace_atomically(Path(path), buf.getvalue())
+        return arrays
 
     @classmethod
     def load(cls, path: str | Path, bundle_id: str, capacity: int, dim: int) -> WindowHistory:
@@ -160,3 +161,12 @@ class WindowHistory:
                         "before the restart will be reported unknown", path, exc)
             return cls(capacity, dim)
         return h
+
+
+def write_snapshot(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write what `WindowHistory.snapshot` returned to `path`, atomically (fsynced)."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    replace_atomically(Path(path), buf.getvalue())
