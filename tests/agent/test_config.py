@@ -481,7 +481,8 @@ _windows = st.builds(lambda a, b, c, d: f"{a:02d}:{b:02d}-{c:02d}:{d:02d}",
                      st.integers(0, 59)).filter(lambda w: w[:5] != w[6:])
 _prefix = st.text(st.characters(blacklist_characters="#+\x00"), min_size=1,
                   max_size=20).filter(lambda p: not p.endswith("/"))
-_device = st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True) | st.just("+")
+_device = st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True).filter(
+    lambda d: d not in (".", "..")) | st.just("+")      # "." and ".." are refused (paths)
 _seconds = st.floats(0.001, 1e9, allow_nan=False, allow_infinity=False)
 
 

@@ -42,3 +42,10 @@ def test_broker_urls():
     for bad in ["localhost:1883", "http://h", "mqtt://:1883", "mqtt://h:99999", "mqtt://h/x"]:
         with pytest.raises(ConfigError, match="Invalid broker URL"):
             BrokerURL.parse(bad)
+
+
+@pytest.mark.parametrize("bad", [".", ".."])
+def test_dot_device_ids_are_refused(bad):
+    """'.' and '..' would name the state directory itself or its parent (per-device state)."""
+    with pytest.raises(ValueError, match="Invalid device id"):
+        validate_device_id(bad)
