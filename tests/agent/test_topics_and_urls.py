@@ -2,7 +2,7 @@ import pytest
 
 from agent.errors import ConfigError
 from agent.mqtt import BrokerURL
-from agent.topics import Topics
+from agent.topics import Topics, validate_device_id
 
 
 def test_topics_for_one_device():
