@@ -365,3 +365,34 @@ class Engine:
                 return
             if client.loop(timeout=0.02) != 0:
                 return
+
+
+class EngineDriven:
+    """What a simulator that owns an `Engine` (``self.engine``) offers: `Simulator`,
+    `ScenarioRunner` and `Replay` run, start, stop and join the same way."""
+
+    engine: Engine
+
+    def run(self) -> SimStats:
+        """Connect, publish until the stream ends or `stop` is called, disconnect."""
+        return self.engine.run()
+
+    def start(self) -> None:
+        """Connect (raising BrokerError here), then publish in a background thread."""
+        self.engine.start()
+
+    def stop(self) -> None:
+        """Ask the loop to finish; safe from any thread and before the start."""
+        self.engine.stop()
+
+    def join(self, timeout: float | None = None) -> SimStats | None:
+        """Wait for the background run; its stats, or None if still running after `timeout`.
+
+        An exception raised in the background thread is raised here.
+        """
+        return self.engine.join(timeout)
+
+    def dry_run(self, stream_s: float | None = None):
+        """``(due stream s, (topic, payload, qos, device index))`` of everything a run
+        would publish, unpaced, without a broker."""
+        return self.engine.dry_run(stream_s)

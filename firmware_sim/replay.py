@@ -35,7 +35,7 @@ from agent.dataset import load_dataset
 from agent.errors import ConfigError, DatasetError
 from agent.protocol import MAX_CHANNELS, MAX_SAMPLES
 from agent.topics import DEFAULT_PREFIX, Topics
-from firmware_sim.engine import Engine, SimStats
+from firmware_sim.engine import Engine, EngineDriven
 from firmware_sim.impair import Oracle
 from firmware_sim.runner import LabelCallback
 from firmware_sim.scenario import LabelOracle
@@ -57,7 +57,7 @@ def load_windows(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[str, .
     return X, y, ds.classes, ds.sample_rate_hz
 
 
-class Replay:
+class Replay(EngineDriven):
     """One device streaming a dataset; see the module docstring. A replay runs once."""
 
     def __init__(self, data: str | Path, broker_url: str, *, device: str,
@@ -152,22 +152,7 @@ class Replay:
         """The class of frame `seq` (of its first sample)."""
         return self.truth_at(seq * self.frame_samples)
 
-    # --- running ---------------------------------------------------------------
-
-    def run(self) -> SimStats:
-        return self.engine.run()
-
-    def start(self) -> None:
-        self.engine.start()
-
-    def stop(self) -> None:
-        self.engine.stop()
-
-    def join(self, timeout: float | None = None) -> SimStats | None:
-        return self.engine.join(timeout)
-
-    def dry_run(self, stream_s: float | None = None):
-        return self.engine.dry_run(stream_s)
+    # --- running: EngineDriven (run, start, stop, join, dry_run) ----------------
 
     def _produce(self, i: int, k: int, t_s: float, out: list) -> None:
         if self._t0 is None:

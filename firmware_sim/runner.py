@@ -63,7 +63,7 @@ import numpy as np
 
 from agent.errors import ConfigError
 from agent.topics import DEFAULT_PREFIX, Topics
-from firmware_sim.engine import Engine, SimStats
+from firmware_sim.engine import Engine, EngineDriven
 from firmware_sim.impair import DeviceImpairment, NetworkShaper, Oracle
 from firmware_sim.scenario import Scenario, load_scenario
 from firmware_sim.sensors import get_model
@@ -165,7 +165,7 @@ class _Device:
         return self.block[j * fs:(j + 1) * fs]
 
 
-class ScenarioRunner:
+class ScenarioRunner(EngineDriven):
     """A scenario's devices publishing through one engine; see the module docstring.
 
     `scenario` is a Scenario, a shipped name or a TOML path. `devices` overrides the
@@ -276,24 +276,7 @@ class ScenarioRunner:
         return [(f * self.frame_s, e * self.frame_s, c)
                 for f, e, c in self._device(device).runs]
 
-    # --- running ---------------------------------------------------------------
-
-    def run(self) -> SimStats:
-        return self.engine.run()
-
-    def start(self) -> None:
-        self.engine.start()
-
-    def stop(self) -> None:
-        self.engine.stop()
-
-    def join(self, timeout: float | None = None) -> SimStats | None:
-        return self.engine.join(timeout)
-
-    def dry_run(self, stream_s: float | None = None):
-        """``(due stream s, (topic, payload, qos, device index))`` of everything a run
-        would publish, unpaced, without a broker."""
-        return self.engine.dry_run(stream_s)
+    # --- running: EngineDriven (run, start, stop, join, dry_run) ----------------
 
     def summary(self) -> dict:
         """Counts of what the devices did (so far), summed over devices."""

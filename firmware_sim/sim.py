@@ -33,7 +33,7 @@ from agent.errors import ConfigError
 from agent.mqtt import BrokerURL
 from agent.protocol import MAX_SAMPLES, encode_frame_binary, encode_frame_json
 from agent.topics import DEFAULT_PREFIX, Topics
-from firmware_sim.engine import PROTOCOLS, Engine, SimStats, check_protocol
+from firmware_sim.engine import PROTOCOLS, Engine, EngineDriven, SimStats, check_protocol
 from firmware_sim.signals import CLASSES, SAMPLE_RATE_HZ, SignalGenerator
 
 ENCODERS = {"json": encode_frame_json, "binary": encode_frame_binary}
@@ -111,7 +111,7 @@ class DeviceStream:
             return list(zip(self._seg_starts, ends, self._seg_classes, strict=True))
 
 
-class Simulator:
+class Simulator(EngineDriven):
     """N simulated devices publishing frames in (scaled) real time; see the module docstring.
 
     `devices` is a count (ids ``sim-000``, ``sim-001``, ...) or a list of ids. `duration_s`
@@ -193,26 +193,7 @@ class Simulator:
         """The class of sample `sample_index` (from 0) of `device`."""
         return self.stream(device).truth_at(sample_index)
 
-    # --- running (the engine's) ------------------------------------------------
-
-    def run(self) -> SimStats:
-        """Connect, publish until `duration_s` has passed or `stop` is called, disconnect."""
-        return self.engine.run()
-
-    def start(self) -> None:
-        """Connect (raising BrokerError here), then publish in a background thread."""
-        self.engine.start()
-
-    def stop(self) -> None:
-        """Ask the loop to finish; safe from any thread and before the start."""
-        self.engine.stop()
-
-    def join(self, timeout: float | None = None) -> SimStats | None:
-        """Wait for the background run; its stats, or None if still running after `timeout`.
-
-        An exception raised in the background thread is raised here.
-        """
-        return self.engine.join(timeout)
+    # --- running: EngineDriven (run, start, stop, join, dry_run) ----------------
 
     def _produce(self, i: int, k: int, t_s: float, out: list) -> None:
         if self._t0 is None:
