@@ -18,13 +18,17 @@ import pytest
 
 from agent.learner import Learner, LearnerConfig
 
-CHILD = r"""
+# Large enough that nothing is ever evicted: an evicted episode is forgotten on purpose,
+# which this test must not mistake for a lost one (checked in `_check`).
+CAPACITY = 100_000
+
+CHILD = f"CAPACITY = {CAPACITY}\n" + r"""
 import sys, time
 import numpy as np
 from agent.learner import Learner, LearnerConfig
 from firmware_sim.signals import SignalGenerator
 bundle, state, start = sys.argv[1], sys.argv[2], int(sys.argv[3])
-cfg = LearnerConfig(capacity=5000, surprise_threshold=0.0, checkpoint_every=5, durable=True)
+cfg = LearnerConfig(capacity=CAPACITY, surprise_threshold=0.0, checkpoint_every=5, durable=True)
 L = Learner.load(state, bundle, cfg)
 print("ready", flush=True)
 gen = SignalGenerator(start)
@@ -44,10 +48,11 @@ def _acknowledged(out: str) -> list[int]:
 
 
 def _check(bundle, state, acked: set[int]) -> int:
-    cfg = LearnerConfig(capacity=5000)
+    cfg = LearnerConfig(capacity=CAPACITY)
     with Learner.load(state, bundle, cfg) as L:
         assert not L.recovery_warnings, L.recovery_warnings
         mem = L.memory
+        assert len(mem) < CAPACITY, "the memory filled up: eviction would look like loss"
         ts = mem.get(mem.ids()).created_ts
         ts = ts[ts > 0.5].astype(np.int64)          # exemplars (if any) have ts 0
         assert len(ts) == len(set(ts.tolist())), "an episode was stored twice"
