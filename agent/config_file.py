@@ -138,8 +138,9 @@ def _from_env(var: str, key: str, raw: str) -> object:
     return raw
 
 
-def _suggest(name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+def suggest(name: str, known: list[str]) -> str:
+    """`` (did you mean X?)`` for the closest of `known`, or ``""``."""
+    close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""
 
 
@@ -164,16 +165,16 @@ def _read_file(path: Path) -> dict[str, object]:
     for section, table in data.items():
         if not isinstance(table, dict):
             home = [k for k in KEYS if k.endswith(f".{section}")]
-            hint = f" (did you mean {home[0]}?)" if home else _suggest(section, list(SECTIONS))
+            hint = f" (did you mean {home[0]}?)" if home else suggest(section, list(SECTIONS))
             raise ConfigError(f"key {section!r} outside any [section] in {path}{hint}")
         if section not in SECTIONS:
             raise ConfigError(f"unknown section [{section}] in {path}"
-                              f"{_suggest(section, list(SECTIONS))}; known: {', '.join(SECTIONS)}")
+                              f"{suggest(section, list(SECTIONS))}; known: {', '.join(SECTIONS)}")
         for name, value in table.items():
             key = f"{section}.{name}"
             if key not in KEYS:
                 elsewhere = [k for k in KEYS if k.endswith(f".{name}")]
-                hint = f" (did you mean {elsewhere[0]}?)" if elsewhere else _suggest(key, list(KEYS))
+                hint = f" (did you mean {elsewhere[0]}?)" if elsewhere else suggest(key, list(KEYS))
                 raise ConfigError(f"unknown key {key} in {path}{hint}")
             try:
                 flat[key] = _typed(key, value, base)
@@ -191,7 +192,7 @@ def _read_env(env: Mapping[str, str]) -> dict[str, tuple[object, str]]:
         if key is None:
             rest = var.removeprefix("REVERIE_")
             if var.startswith("REVERIE_") and any(rest.startswith(f"{s.upper()}_") for s in SECTIONS):
-                raise ConfigError(f"unknown environment variable {var}{_suggest(var, known)}")
+                raise ConfigError(f"unknown environment variable {var}{suggest(var, known)}")
             continue
         value = _from_env(var, key, env[var])
         if key in out and out[key][0] != value:
@@ -228,7 +229,7 @@ def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None
         values[key], origin[key] = value, (2, f"from {var}")
     for key, value in (overrides or {}).items():
         if key not in KEYS:
-            raise ConfigError(f"unknown setting {key!r}{_suggest(key, list(KEYS))}")
+            raise ConfigError(f"unknown setting {key!r}{suggest(key, list(KEYS))}")
         if value is not None:
             values[key], origin[key] = _typed(key, value, None), (3, "from the command line")
     for key, what in (("agent.bundle", "no bundle: pass --bundle DIR, set REVERIE_BUNDLE"),

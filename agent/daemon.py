@@ -49,7 +49,7 @@ from agent.scheduler import SleepScheduler
 from agent.sdnotify import SystemdNotifier
 from agent.sleeper import Sleeper
 from agent.status import StatusMixin, check_health  # noqa: F401 - check_health: public here
-from agent.topics import WILDCARD_DEVICE, Topics
+from agent.topics import INBOUND, WILDCARD_DEVICE, Topics
 from agent.windowing import DeviceWindows
 from agent.worker import Inbound, Worker
 
@@ -109,7 +109,7 @@ class Daemon(StatusMixin, MqttCallbacks):
         self.windows.default_start = gap
         for device in self.history.devices():
             self.windows.set_start_index(device, self.history.last_index(device) + 1 + gap)
-        self.topics = Topics(config.device_id, config.prefix)
+        self.topics = config.topics
         self.command_key = _read_key(config.commands_key_file)
         self.own_topics = Topics(config.status_owner, config.prefix)
         self.scheduler = SleepScheduler(config.sleep)
@@ -150,10 +150,11 @@ class Daemon(StatusMixin, MqttCallbacks):
         self.metrics.memory_capacity.set(self._learner_cfg.capacity)
         # Bound once: the network thread increments these for every message.
         self._received = {k: self.metrics.messages_received.labels(kind=k)
-                          for k in ("frames", "labels", "cmd")}
+                          for k in INBOUND}
         self._queue_full = self.metrics.dropped.labels(reason="queue_full")
         self._last_health = 0.0
         self._last_poll = 0.0
+        self._last_watchdog = 0.0
         self._last_history_save = time.monotonic()
         self._history_snapshot: dict | None = None
         self._stopping = False
@@ -214,14 +215,7 @@ class Daemon(StatusMixin, MqttCallbacks):
             self._metrics_server.start()
             log.info("metrics on http://%s:%d/metrics", *self._metrics_server.address)
         self._worker.start()
-        props = connect_properties(c.protocol, c.session_expiry_s)
-        if c.protocol == "5":
-            if props is None:
-                from paho.mqtt.packettypes import PacketTypes
-                from paho.mqtt.properties import Properties
-
-                props = Properties(PacketTypes.CONNECT)
-            props.ReceiveMaximum = RECEIVE_MAXIMUM
+        props = connect_properties(c.protocol, c.session_expiry_s, RECEIVE_MAXIMUM)
         kw = {"clean_start": c.session_expiry_s <= 0, "properties": props} \
             if c.protocol == "5" else {}
         self._client.connect_async(c.url.host, c.url.port, keepalive=c.keepalive_s, **kw)
@@ -304,7 +298,10 @@ class Daemon(StatusMixin, MqttCallbacks):
     def _tick(self) -> None:
         """The main thread's periodic duties (every 0.25 s)."""
         now = time.monotonic()
-        if now - self.worker.last_beat < 10.0:     # the worker is alive and looping
+        wd = self.notifier.watchdog_interval_s     # None: no systemd watchdog for us
+        if wd is not None and now - self._last_watchdog >= wd \
+                and now - self.worker.last_beat < 10.0:   # only while the worker loops
+            self._last_watchdog = now
             self.notifier.watchdog()
         self._write_health()
         self._update_gauges()

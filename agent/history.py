@@ -83,17 +83,20 @@ class WindowHistory:
         r = self._rings.get(device)
         return -1 if r is None else int(r.index.max())
 
-    def by_ids(self, device: str, ids) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """``(found ids, latents, missing ids)`` for the requested window ids."""
+    def by_ids(self, device: str, ids, *, with_ts: bool = False) -> tuple:
+        """``(found ids, latents, missing ids)`` for the requested window ids; with
+        ``with_ts`` also the found windows' timestamps."""
         ids = [int(i) for i in ids]
         r = self._rings.get(device)
         if r is None:
-            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32), ids
+            empty = (np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32), ids)
+            return (*empty, np.zeros(0)) if with_ts else empty
         pos = {int(w): s for s, w in enumerate(r.index.tolist()) if w >= 0}
         found = [i for i in ids if i in pos]
         slots = np.array([pos[i] for i in found], dtype=np.int64)
         missing = [i for i in ids if i not in pos]
-        return np.array(found, np.int64), r.latents[slots].copy(), missing
+        out = (np.array(found, np.int64), r.latents[slots].copy(), missing)
+        return (*out, r.ts[slots].copy()) if with_ts else out
 
     def by_time(self, device: str, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(ids, ts, latents)`` of the windows whose timestamp is in [lo, hi], by id."""

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.errors import ProtocolError
-from agent.protocol import _check_values, _reject_constant, as_float32, finite_number
+from agent.protocol import checked_bytes, finite_number, load_json_object, values_from_json
 
 MAX_LABEL_CHARS = 64
 MAX_ID_CHARS = 128
@@ -90,23 +90,7 @@ def sign_command(body: dict, key: bytes) -> dict:
 
 
 def _load(payload: bytes, what: str, max_bytes: int) -> dict:
-    if not isinstance(payload, bytes | bytearray | memoryview):
-        raise ProtocolError("bad_type", f"{what} payload of type {type(payload).__name__}")
-    payload = bytes(payload)
-    if len(payload) > max_bytes:
-        raise ProtocolError("oversized", f"{what} of {len(payload)} bytes exceeds "
-                            f"max_bytes={max_bytes}")
-    if not payload:
-        raise ProtocolError("empty", f"empty {what}")
-    try:
-        obj = json.loads(payload, parse_constant=_reject_constant)
-    except ProtocolError:
-        raise
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ProtocolError("bad_json", f"{what} is not valid JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ProtocolError("bad_json", f"{what} must be a JSON object, got {type(obj).__name__}")
-    return obj
+    return load_json_object(checked_bytes(payload, what, max_bytes), what)
 
 
 def _text(obj: dict, key: str, what: str, max_chars: int, *, required: bool) -> str | None:
@@ -174,18 +158,7 @@ def decode_label(payload: bytes, *, max_bytes: int) -> LabelMsg:
             raise ProtocolError("bad_range", f"label from_ts={lo} to_ts={hi}: expected "
                                 f"from_ts <= to_ts and a span of at most {MAX_LABEL_SPAN_S:.0f} s")
         return LabelMsg(mid, label, from_ts=lo, to_ts=hi, ts=ts)
-    rows = obj["values"]
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
-        raise ProtocolError("bad_shape", "label values must be a non-empty list of samples")
-    width = len(rows[0])
-    for i, r in enumerate(rows):
-        if len(r) != width:
-            raise ProtocolError("bad_shape", f"label values[{i}] has {len(r)} channels, "
-                                f"values[0] has {width}")
-        for j, v in enumerate(r):
-            if isinstance(v, bool) or not isinstance(v, int | float):
-                raise ProtocolError("bad_value", f"label values[{i}][{j}]={v!r} is not a number")
-    return LabelMsg(mid, label, values=_check_values(as_float32(rows, "label"), "label"), ts=ts)
+    return LabelMsg(mid, label, values=values_from_json(obj["values"], "label "), ts=ts)
 
 
 def decode_command(payload: bytes, *, max_bytes: int = 4096) -> CommandMsg:

@@ -138,15 +138,20 @@ def make_client(url: BrokerURL, *, client_id: str | None = None, protocol: str =
     return client
 
 
-def connect_properties(protocol: str, session_expiry_s: int | None):
-    """CONNECT properties for MQTT 5 (session expiry), None for 3.1.1."""
-    if str(protocol) != "5" or not session_expiry_s:
+def connect_properties(protocol: str, session_expiry_s: int | None,
+                       receive_maximum: int | None = None):
+    """CONNECT properties for MQTT 5 (session expiry, receive maximum), None for 3.1.1 or
+    when neither is set."""
+    if str(protocol) != "5" or not (session_expiry_s or receive_maximum):
         return None
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
     props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = int(session_expiry_s)
+    if session_expiry_s:
+        props.SessionExpiryInterval = int(session_expiry_s)
+    if receive_maximum:
+        props.ReceiveMaximum = int(receive_maximum)
     return props
 
 

@@ -119,15 +119,55 @@ def encode_frame_binary(seq: int, ts: float, values: np.ndarray) -> bytes:
     return header + arr.tobytes()
 
 
-def decode_frame(payload: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Frame:
-    """Decode a JSON or binary frame; raise ProtocolError naming what is wrong."""
+def checked_bytes(payload: object, what: str, max_bytes: int) -> bytes:
+    """`payload` as bytes, or ProtocolError: not bytes, over `max_bytes`, empty."""
     if not isinstance(payload, bytes | bytearray | memoryview):
-        raise ProtocolError("bad_type", f"payload of type {type(payload).__name__}, expected bytes")
+        raise ProtocolError("bad_type", f"{what} of type {type(payload).__name__}, expected bytes")
     payload = bytes(payload)
     if len(payload) > max_bytes:
-        raise ProtocolError("oversized", f"payload of {len(payload)} bytes exceeds max_bytes={max_bytes}")
+        raise ProtocolError("oversized", f"{what} of {len(payload)} bytes exceeds "
+                            f"max_bytes={max_bytes}")
     if not payload:
-        raise ProtocolError("empty", "empty payload")
+        raise ProtocolError("empty", f"empty {what}")
+    return payload
+
+
+def load_json_object(payload: bytes, what: str) -> dict:
+    """A JSON object (NaN/Infinity constants refused), or ProtocolError ``bad_json``."""
+    try:
+        obj = json.loads(payload, parse_constant=_reject_constant)
+    except ProtocolError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError("bad_json", f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_json", f"{what} must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def values_from_json(rows: object, where: str) -> np.ndarray:
+    """JSON ``values`` (a list of samples, each a list of channel numbers) -> validated
+    float32 ``(samples, channels)``; `where` prefixes the messages (``"label "``)."""
+    if not isinstance(rows, list) or not rows:
+        raise ProtocolError("bad_shape", f"{where}values must be a non-empty list of samples")
+    if not all(isinstance(r, list) for r in rows):
+        raise ProtocolError("bad_shape", f"{where}values must be a list of lists "
+                            "(samples x channels)")
+    width = len(rows[0])
+    for i, r in enumerate(rows):
+        if len(r) != width:
+            raise ProtocolError(
+                "bad_shape", f"{where}values[{i}] has {len(r)} channels, values[0] has {width}")
+        for j, v in enumerate(r):
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ProtocolError("bad_value", f"{where}values[{i}][{j}]={v!r} is not a number")
+    name = where.strip() or "frame"
+    return _check_values(as_float32(rows, name), name)
+
+
+def decode_frame(payload: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Frame:
+    """Decode a JSON or binary frame; raise ProtocolError naming what is wrong."""
+    payload = checked_bytes(payload, "payload", max_bytes)
     if payload[:2] == BINARY_MAGIC:
         return _decode_binary(payload)
     return _decode_json(payload)
@@ -159,14 +199,7 @@ def _reject_constant(name: str) -> float:
 
 
 def _decode_json(payload: bytes) -> Frame:
-    try:
-        obj = json.loads(payload, parse_constant=_reject_constant)
-    except ProtocolError:
-        raise
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ProtocolError("bad_json", f"frame is not valid JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ProtocolError("bad_json", f"frame must be a JSON object, got {type(obj).__name__}")
+    obj = load_json_object(payload, "frame")
     missing = [k for k in ("seq", "ts", "values") if k not in obj]
     if missing:
         raise ProtocolError("missing_field", f"frame lacks field(s) {missing}")
@@ -174,20 +207,7 @@ def _decode_json(payload: bytes) -> Frame:
     if unknown:
         raise ProtocolError("unknown_field", f"frame has unknown field(s) {unknown}")
     seq, ts = _check_seq_ts(obj["seq"], obj["ts"])
-    rows = obj["values"]
-    if not isinstance(rows, list) or not rows:
-        raise ProtocolError("bad_shape", "values must be a non-empty list of samples")
-    if not all(isinstance(r, list) for r in rows):
-        raise ProtocolError("bad_shape", "values must be a list of lists (samples x channels)")
-    width = len(rows[0])
-    for i, r in enumerate(rows):
-        if len(r) != width:
-            raise ProtocolError(
-                "bad_shape", f"values[{i}] has {len(r)} channels, values[0] has {width}")
-        for j, v in enumerate(r):
-            if isinstance(v, bool) or not isinstance(v, int | float):
-                raise ProtocolError("bad_value", f"values[{i}][{j}]={v!r} is not a number")
-    return Frame(seq, ts, _check_values(as_float32(rows, "frame"), "frame"))
+    return Frame(seq, ts, values_from_json(obj["values"], ""))
 
 
 def as_float32(rows: list, where: str) -> np.ndarray:

@@ -22,7 +22,6 @@ class Sleeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._done_at: dict[int, int] = {}     # id(learner) -> n_stored at its last sleep
-        self.last_reports: list[dict] = []
 
     @property
     def sleeping(self) -> bool:
@@ -82,7 +81,6 @@ class Sleeper:
                 if not report.preempted:
                     self._done_at[id(learner)] = base
                 body = report.to_dict()
-                self.last_reports = (self.last_reports + [body])[-10:]
                 d.publish_event(device, type="sleep", reason=outcome, detail=report.reason,
                                 report=body)
                 if report.accepted:

@@ -44,8 +44,7 @@ class StatusMixin:
         return body
 
     def status_body_bytes(self, state: str) -> bytes:
-        body = self.status_body(state)
-        return encode_status(**{**body, "state": state})
+        return encode_status(**self.status_body(state))
 
     def _update_gauges(self) -> None:
         m, learners = self.metrics, self.learners()

@@ -28,7 +28,7 @@ import numpy as np
 
 from agent.errors import InputError, ProtocolError, ReverieError
 from agent.messages import CommandMsg, LabelMsg, decode_command, decode_label, encode_reply
-from agent.protocol import decode_frame, encode_event, encode_prediction
+from agent.protocol import decode_frame, encode_prediction
 
 log = logging.getLogger("reverie.worker")
 MAX_PENDING = 4096        # labels waiting for windows (or for a failed learn to be retried)
@@ -153,11 +153,11 @@ class Worker:
             m.frame_to_prediction_seconds.observe(latency)
             if extra.get("novelty"):
                 m.novelty.inc()
-                d.outbox.publish(topics.events, encode_event(
-                    device=device, type="novelty", reason="far_from_memory",
+                d.publish_event(
+                    device, type="novelty", reason="far_from_memory",
                     detail=f"window {w.index}: cosine distance {extra['novelty_score']:.3f} "
-                    "to the nearest stored episode", ts=time.time(), window=w.index,
-                    score=extra["novelty_score"]))
+                    "to the nearest stored episode", window=w.index,
+                    score=extra["novelty_score"])
 
     # ------------------------------------------------------------------ labels
 
@@ -209,14 +209,12 @@ class Worker:
             h = d.encoder.encode(np.ascontiguousarray(lab.values.T).reshape(1, *spec.shape))[0]
             targets.append((key, h, lab.ts if lab.ts is not None else time.time()))
         elif lab.windows:
-            found, lat, missing = d.history.by_ids(device, lab.windows)
-            ts = d.history.by_time(device, -np.inf, np.inf)
-            ts_of = dict(zip(ts[0].tolist(), ts[1].tolist(), strict=True))
-            targets = [(f"{key}/{int(w)}", h, ts_of.get(int(w), time.time()))
-                       for w, h in zip(found.tolist(), lat, strict=True)]
+            found, lat, missing, ts = d.history.by_ids(device, lab.windows, with_ts=True)
             ahead = [w for w in missing if w >= d.windows.next_index(device)]
             if ahead and not final:
                 return False
+            targets = [(f"{key}/{int(w)}", h, float(t))
+                       for w, h, t in zip(found.tolist(), lat, ts.tolist(), strict=True)]
         else:
             span = d.history.time_span(device)
             if (span is None or span[1] < lab.to_ts) and not final:
@@ -274,11 +272,11 @@ class Worker:
         else:
             m.labels_learned.inc()
         m.label_ack_seconds.observe(time.monotonic() - msg.arrival)
-        d.outbox.publish(d.topics.for_device(device).events, encode_event(
-            device=device, type="label", reason="duplicate" if dup == len(targets)
-            else "learned", detail=f"label {lab.id!r} = {lab.label!r}: {len(targets)} "
-            f"window(s), {stored} stored", ts=time.time(), id=lab.id, label=lab.label,
-            windows=len(targets), stored=stored, new_class=new_class, duplicates=dup))
+        d.publish_event(
+            device, type="label", reason="duplicate" if dup == len(targets) else "learned",
+            detail=f"label {lab.id!r} = {lab.label!r}: {len(targets)} window(s), {stored} "
+            "stored", id=lab.id, label=lab.label, windows=len(targets), stored=stored,
+            new_class=new_class, duplicates=dup)
         if new_class:
             d.status_changed()
         return True
@@ -390,13 +388,11 @@ class Worker:
     def reject_device(self, device: str, reason: str, detail: str) -> None:
         self.d.metrics.dropped.inc(reason=reason)
         log.warning("device %s: %s", device, detail)
-        self.d.outbox.publish(self.d.topics.for_device(device).events, encode_event(
-            device=device, type="error", reason=reason, detail=detail, ts=time.time()))
+        self.d.publish_event(device, type="error", reason=reason, detail=detail)
 
     def reject(self, msg: Inbound, reason: str, detail: str, *, count: bool = True) -> None:
         if count:
             self.d.metrics.dropped.inc(reason=reason)
         log.warning("rejected message on %s: %s", msg.topic, detail)
-        self.d.outbox.publish(self.d.topics.for_device(msg.device).events, encode_event(
-            device=msg.device, type="error", reason=reason, detail=detail, ts=time.time(),
-            topic=msg.topic))
+        self.d.publish_event(msg.device, type="error", reason=reason, detail=detail,
+                             topic=msg.topic)

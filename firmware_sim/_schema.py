@@ -10,19 +10,14 @@ standard library).
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 from typing import Any, NoReturn
 
+from agent.config_file import suggest
 from agent.errors import ConfigError
 
 _REQUIRED: Any = object()
-
-
-def suggest(name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _show(value: object) -> str:

@@ -35,15 +35,21 @@ _HOST = "127.0.0.1"
 _PORT_ATTEMPTS = 5
 
 
-def find_mosquitto() -> str | None:
-    """Path of a mosquitto binary, or None when there is none."""
-    found = shutil.which("mosquitto")
+def find_binary(name: str, candidates: tuple[str, ...]) -> str | None:
+    """`name` on PATH, else the first executable of `candidates` (sbin is often not on
+    PATH), else None."""
+    found = shutil.which(name)
     if found:
         return found
-    for candidate in MOSQUITTO_CANDIDATES:
+    for candidate in candidates:
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     return None
+
+
+def find_mosquitto() -> str | None:
+    """Path of a mosquitto binary, or None when there is none."""
+    return find_binary("mosquitto", MOSQUITTO_CANDIDATES)
 
 
 def amqtt_available() -> bool:
@@ -78,7 +84,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _accepts(port: int) -> bool:
+def accepts(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:`port`."""
     try:
         with socket.create_connection((_HOST, port), timeout=0.2):
             return True
@@ -283,7 +290,7 @@ class _MosquittoProcess:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 break
-            if _accepts(self.port):
+            if accepts(self.port):
                 # A listener that is not ours may answer while ours is failing to bind.
                 time.sleep(0.02)
                 if self._proc.poll() is None:

@@ -197,17 +197,10 @@ level = "info"
 
 def read_metrics(port: int, timeout_s: float = 1.0) -> dict[str, float]:
     """``{series: value}`` from the agent's /metrics (series with labels as written)."""
+    from agent.bench.e2e.procs import parse_metrics
+
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            try:
-                out[name] = float(value)
-            except ValueError:
-                continue
-    return out
+        return parse_metrics(r.read().decode())
 
 
 class _Agent:

@@ -26,6 +26,7 @@ dropped (their seq is skipped, as on a device that streams live).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -89,6 +90,13 @@ class _Tally:
     pending: list = field(default_factory=list)  # QoS 1 infos, maybe not yet acknowledged
 
 
+def check_speed(speed: float) -> float:
+    if isinstance(speed, bool) or not isinstance(speed, int | float) or not (
+            math.isfinite(speed) and speed > 0):
+        raise ConfigError(f"Invalid speed: {speed!r} (expected a finite number > 0)")
+    return float(speed)
+
+
 def check_protocol(protocol: str) -> str:
     if protocol not in PROTOCOLS:
         raise ConfigError(f"Invalid MQTT protocol: {protocol!r} (expected one of {PROTOCOLS})")
@@ -118,7 +126,7 @@ class Engine:
         self.produce = produce
         self.rate_hz = rate_hz
         self.frame_samples = frame_samples
-        self.speed = speed
+        self.speed = check_speed(speed)
         self.stream_end_s = stream_end_s
         self.max_frames = max_frames
         self.finish = finish

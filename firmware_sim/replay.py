@@ -39,7 +39,7 @@ from firmware_sim.engine import Engine, EngineDriven
 from firmware_sim.impair import Oracle
 from firmware_sim.runner import LabelCallback
 from firmware_sim.scenario import LabelOracle
-from firmware_sim.sim import ENCODERS, FrameCallback, check_speed
+from firmware_sim.sim import ENCODERS, FrameCallback
 
 
 def load_windows(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], float | None]:
@@ -115,7 +115,7 @@ class Replay(EngineDriven):
         self._t0: float | None = None
         end = None if duration_s is None else duration_s * speed
         self.engine = Engine(broker_url, (device,), self._produce, rate_hz=self.rate_hz,
-                             frame_samples=frame_samples, speed=check_speed(speed),
+                             frame_samples=frame_samples, speed=speed,
                              stream_end_s=end, max_frames=self.n_frames, finish=self._finish,
                              protocol=protocol, connect_timeout_s=connect_timeout_s,
                              name="reverie-replay")

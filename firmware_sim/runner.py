@@ -67,7 +67,7 @@ from firmware_sim.engine import Engine, EngineDriven
 from firmware_sim.impair import DeviceImpairment, NetworkShaper, Oracle
 from firmware_sim.scenario import Scenario, load_scenario
 from firmware_sim.sensors import get_model
-from firmware_sim.sim import ENCODERS, FrameCallback, check_speed
+from firmware_sim.sim import ENCODERS, FrameCallback
 
 # Samples generated per source call (whole frames, never across a bout): a call costs
 # ~65 us + ~0.75 us per sample for the IMU model, so 512-sample blocks bring a 16-sample
@@ -222,7 +222,7 @@ class ScenarioRunner(EngineDriven):
         self._flushed = False
         self._t0: float | None = None
         self.engine = Engine(broker_url, self.devices, self._produce, rate_hz=self.rate_hz,
-                             frame_samples=sc.frame_samples, speed=check_speed(speed),
+                             frame_samples=sc.frame_samples, speed=speed,
                              max_frames=self.n_frames, finish=self._finish,
                              protocol=protocol, connect_timeout_s=connect_timeout_s,
                              name="reverie-scenario")

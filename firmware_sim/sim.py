@@ -33,7 +33,14 @@ from agent.errors import ConfigError
 from agent.mqtt import BrokerURL
 from agent.protocol import MAX_SAMPLES, encode_frame_binary, encode_frame_json
 from agent.topics import DEFAULT_PREFIX, Topics
-from firmware_sim.engine import PROTOCOLS, Engine, EngineDriven, SimStats, check_protocol
+from firmware_sim.engine import (
+    PROTOCOLS,
+    Engine,
+    EngineDriven,
+    SimStats,
+    check_protocol,
+    check_speed,
+)
 from firmware_sim.signals import CLASSES, SAMPLE_RATE_HZ, SignalGenerator
 
 ENCODERS = {"json": encode_frame_json, "binary": encode_frame_binary}
@@ -203,10 +210,3 @@ class Simulator(EngineDriven):
         out.append((self._topics[i], self._encode(seq, ts, values), 0, i))
         if self.on_frame is not None:
             self.on_frame(self.devices[i], seq, ts, values, cls)
-
-
-def check_speed(speed: float) -> float:
-    if isinstance(speed, bool) or not isinstance(speed, int | float) or not (
-            math.isfinite(speed) and speed > 0):
-        raise ConfigError(f"Invalid speed: {speed!r} (expected a finite number > 0)")
-    return float(speed)

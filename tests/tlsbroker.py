@@ -30,9 +30,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -43,7 +41,7 @@ import pytest
 from agent.errors import BrokerError, ConfigError
 from agent.mqtt import TLSConfig
 from agent.topics import DEFAULT_PREFIX
-from firmware_sim.broker import find_mosquitto, free_port
+from firmware_sim.broker import accepts, find_binary, find_mosquitto, free_port
 
 HOST = "127.0.0.1"
 CLIENT_CN = "reverie-test-device"
@@ -255,13 +253,7 @@ def credentials_url(port: int, username: str, password: str | None = None) -> st
 # -- broker ---------------------------------------------------------------------------
 def find_mosquitto_passwd() -> str | None:
     """Path of the mosquitto_passwd tool, or None when there is none."""
-    found = shutil.which("mosquitto_passwd")
-    if found:
-        return found
-    for candidate in _PASSWD_CANDIDATES:
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+    return find_binary("mosquitto_passwd", _PASSWD_CANDIDATES)
 
 
 class SecureMosquitto:
@@ -404,7 +396,7 @@ class SecureMosquitto:
                                           stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline and self._proc.poll() is None:
-            if all(_accepts(port) for port in self.ports.values()):
+            if all(accepts(port) for port in self.ports.values()):
                 return
             time.sleep(0.02)
         code = self._proc.poll()
@@ -480,14 +472,6 @@ def _distinct_free_ports(modes: tuple[str, ...]) -> dict[str, int]:
         if port not in ports.values():
             ports[modes[len(ports)]] = port
     return ports
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 # -- fixture --------------------------------------------------------------------------

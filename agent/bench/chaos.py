@@ -29,7 +29,15 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from agent.bench.cli import environment, print_table, write_json
+from agent.bench.cli import (
+    command_line,
+    environment,
+    flat,
+    print_table,
+    print_verdicts,
+    say,
+    write_json,
+)
 
 CAMPAIGNS = ("crash", "disk", "broker", "overload")
 TARGET_CYCLES = 200
@@ -113,7 +121,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     bundle_dir = Path(args.bundle) if args.bundle else procs.demo_bundle(Path(args.cache_dir))
     bundle = load_bundle(bundle_dir)
     shape = {"window": bundle.input.window_samples, "channels": bundle.input.n_channels}
-    result: dict = {"bench": "chaos", "environment": environment(), "command": _command(),
+    result: dict = {"bench": "chaos", "environment": environment(), "command": command_line(),
                     "plan": asdict(plan), "bundle": bundle.bundle_id}
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reverie-chaos-")))
@@ -132,7 +140,7 @@ def run_campaigns(plan: Plan, bundle: Path, tmp: Path, shape: dict, stack: ExitS
     out: dict = {}
     for name in plan.campaigns:
         t0 = time.monotonic()
-        _say(f"{name} campaign ...")
+        say("chaos", f"{name} campaign ...")
         work = tmp / f"campaign-{name}"
         work.mkdir()
         if name == "crash":
@@ -156,7 +164,7 @@ def run_campaigns(plan: Plan, bundle: Path, tmp: Path, shape: dict, stack: ExitS
             out[name] = overload(bundle, broker.url, work, nominal_rate=plan.nominal_rate,
                                  factor=plan.factor, seconds=plan.overload_s,
                                  calm_s=plan.calm_s, **shape)
-        _say(f"{name} campaign done in {time.monotonic() - t0:.0f} s")
+        say("chaos", f"{name} campaign done in {time.monotonic() - t0:.0f} s")
     return out
 
 
@@ -238,23 +246,13 @@ def report(result: dict) -> None:
               f"broker: {b['lost_at_broker']}), duplicated {b['labels_duplicated']}\n")
     if "overload" in c:
         o = c["overload"]
-        rows = [{**p, "dropped": " ".join(f"{k}={v}" for k, v in p["dropped"].items()) or "0"}
-                for p in o["phases"]]
-        print_table(rows, ["phase", "target_rate", "achieved_rate", "sent", "lost", "dropped",
+        print_table(flat(o["phases"]), ["phase", "target_rate", "achieved_rate", "sent", "lost", "dropped",
                            "p50_ms", "p99_ms"], title="overload")
         print(f"  queue depth max {o['queue_depth_max']:.0f} of {o['queue_size']}; RSS start "
               f"{o['rss_start_mb']:.0f} MB, max {o['rss_max_mb']:.0f} MB, end "
               f"{o['rss_end_mb']:.0f} MB\n")
-    for t in result["targets"]:
-        verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
-        print(f"  {verdict:<12} {t['target']}: {t['value']}")
+    print_verdicts(result["targets"])
 
 
-def _command() -> str:
-    argv = sys.argv[1:] if Path(sys.argv[0]).name in ("reverie", "cli.py", "__main__.py") \
-        else sys.argv
-    return " ".join(["reverie", *argv])
 
 
-def _say(msg: str) -> None:
-    print(f"[chaos] {msg}", file=sys.stderr, flush=True)

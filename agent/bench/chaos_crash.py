@@ -24,7 +24,6 @@ is learned, exactly once.
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ from agent.bench.chaos_rig import (
     sigkill,
     start_daemon,
 )
-from agent.bench.cli import percentiles
+from agent.bench.cli import percentiles, say
 
 MODES = ("stream", "append", "checkpoint", "sleep")
 MODE_WEIGHTS = (0.4, 0.2, 0.25, 0.15)
@@ -137,7 +136,7 @@ def crash_campaign(bundle: Path, url: str, workdir: Path, *, cycles: int, seed: 
             if found["error"]:
                 corrupt.append({"cycle": cycle, "mode": mode, "error": found["error"]})
             if (cycle + 1) % 10 == 0 or cycle + 1 == cycles:
-                _say(f"crash: {cycle + 1}/{cycles} cycles, {stream.n_labels} labels, "
+                say("chaos", f"crash: {cycle + 1}/{cycles} cycles, {stream.n_labels} labels, "
                      f"{len(corrupt)} corrupt, restart p50 {np.median(restart_s):.2f} s")
         # drain: a sentinel after everything else, then a clean stop
         stream.stop()
@@ -193,5 +192,3 @@ def _short(verdict: dict) -> dict:
     return v
 
 
-def _say(msg: str) -> None:
-    print(f"[chaos] {msg}", file=sys.stderr, flush=True)

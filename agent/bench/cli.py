@@ -105,3 +105,28 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
     return str(v)
+
+
+def command_line() -> str:
+    """The command that produced a result, as ``reverie ...`` (for the JSON)."""
+    argv = sys.argv[1:] if Path(sys.argv[0]).name in ("reverie", "cli.py", "__main__.py") \
+        else sys.argv
+    return " ".join(["reverie", *argv])
+
+
+def say(tag: str, msg: str) -> None:
+    """A progress line on stderr: ``[tag] msg``."""
+    print(f"[{tag}] {msg}", file=sys.stderr, flush=True)
+
+
+def flat(rows: list[dict]) -> list[dict]:
+    """Rows with dict cells (drops by reason) written as ``reason=n ...`` for a table."""
+    return [{k: (" ".join(f"{r}={n}" for r, n in v.items()) or "0") if isinstance(v, dict)
+             else v for k, v in row.items()} for row in rows]
+
+
+def print_verdicts(targets: list[dict]) -> None:
+    """``met`` / ``NOT met`` / ``not measured`` per target (``met`` True/False/None)."""
+    for t in targets:
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+        print(f"  {verdict:<12} {t['target']}: {t['value']}")

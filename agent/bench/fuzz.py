@@ -27,7 +27,6 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -129,22 +128,12 @@ class _Publisher:
     """A paho MQTT 5 client in its own network thread."""
 
     def __init__(self, url: str):
-        import paho.mqtt.client as mqtt
-
-        from agent.mqtt import BrokerURL
+        from agent.mqtt import BrokerURL, connect_and_wait, make_client
 
         u = BrokerURL.parse(url)
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="reverie-fuzz",
-                                  protocol=mqtt.MQTTv5)
+        self.client = make_client(u, client_id="reverie-fuzz")
         self.client.max_inflight_messages_set(100)     # mosquitto's max_inflight_messages
-        self.disconnects: list[str] = []
-        self.client.on_disconnect = lambda _c, _u, _f, rc, _p: self.disconnects.append(str(rc))
-        connected = threading.Event()
-        self.client.on_connect = lambda *_a: connected.set()
-        self.client.connect(u.host, u.port)
-        self.client.loop_start()
-        if not connected.wait(10):
-            raise ReverieError(f"the fuzz publisher cannot connect to {url}")
+        connect_and_wait(self.client, u)                # BrokerError (a ReverieError) if not
 
     def publish(self, topic: str, payload: bytes, qos: int):
         return self.client.publish(topic, payload, qos=qos)

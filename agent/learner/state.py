@@ -23,7 +23,7 @@ import numpy as np
 from agent.bundle import Bundle
 from agent.errors import BundleError, StateError
 from agent.memory import AssociativeReadout, EpisodicMemory, ReadoutConfig, SparseCoder
-from agent.memory.schema import check_stats
+from agent.memory.schema import STATE_KEYS, check_stats
 from agent.persist import LoadedCheckpoint, decode_record, encode_record
 from agent.sleep import AdaptedHead
 
@@ -34,7 +34,7 @@ STATE_FORMAT = 1
 INDEX_FILE = "index.hnsw"
 
 
-CLASS_STATS = ("class_counts", "class_means", "class_scatter")
+CLASS_STATS = tuple(f"class_{k}" for k in STATE_KEYS)   # the schema's statistics, per class
 
 
 def load_exemplars(bundle: Bundle, latent_dim: int) -> dict[str, np.ndarray]:
@@ -138,13 +138,6 @@ class LearnerState:
         if kind == "seen" and isinstance(meta.get("key"), str):
             return kind, meta, arrays
         raise StateError(f"log record of unknown kind {kind!r}: {sorted(meta)}")
-
-    @staticmethod
-    def decode_episode(payload: bytes) -> tuple[np.ndarray, str, float, float]:
-        meta, arrays = decode_record(payload)
-        if meta.get("kind") != "episode" or "h" not in arrays:
-            raise StateError(f"log record is not an episode: {sorted(meta)}")
-        return arrays["h"], str(meta["label"]), float(meta["surprise"]), float(meta["ts"])
 
 
 def snapshot(learner: Learner) -> tuple[dict[str, np.ndarray], dict, dict]:

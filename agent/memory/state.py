@@ -16,6 +16,7 @@ import numpy as np
 
 from agent.memory.config import MemoryConfig
 from agent.memory.errors import MemoryStateError
+from agent.memory.schema import STATE_KEYS
 
 
 def expected_fields(config: MemoryConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -36,7 +37,7 @@ def expected_fields(config: MemoryConfig) -> dict[str, tuple[tuple[int, ...], np
 
 
 STATE_FIELDS = tuple(expected_fields(MemoryConfig()).keys())
-SCHEMA_FIELDS = ("schema_counts", "schema_means", "schema_scatter")   # see agent/memory/schema.py
+SCHEMA_FIELDS = tuple(f"schema_{k}" for k in STATE_KEYS)   # the schema readout's arrays
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from agent import __version__
 from agent.metrics.registry import Counter, Gauge, Histogram, Registry
+from agent.topics import INBOUND
 
 SLEEP_DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
@@ -60,7 +61,7 @@ class DaemonMetrics:
     build_info: Gauge
 
 
-MESSAGE_KINDS = ("frames", "labels", "cmd")
+MESSAGE_KINDS = INBOUND          # the inbound topic kinds: frames, labels, cmd
 SLEEP_OUTCOMES = ("accepted", "rolled_back", "preempted", "error")
 
 

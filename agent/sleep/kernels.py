@@ -273,6 +273,3 @@ def warmup() -> None:
     grad, m, v = (np.zeros_like(theta) for _ in range(3))
     train_step(x, y, t, p.layout, p.rank, p.n_new, p.nw_off, p.act, p.wflat, p.bflat, theta,
                1.0, 2.0, grad, m, v, 1, 1e-3, 0.9, 0.999, 1e-8, 1.0)
-    hs = np.empty(2 * (4 + 3), dtype=np.float32)
-    us = np.empty(2 * 2 * 2, dtype=np.float32)
-    forward(x, p.layout, p.rank, p.n_new, p.nw_off, p.act, p.wflat, p.bflat, theta, hs, us)

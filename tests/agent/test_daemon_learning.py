@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from agent.config import SleepSchedule
+from agent.config import IngestConfig, SleepSchedule
 from agent.daemon import Daemon
 from agent.learner import Learner
 from agent.protocol import encode_frame_binary
@@ -95,7 +95,7 @@ def test_labels_by_time_range_and_inline_values(make_daemon, mqtt_collector, uni
 
 def test_a_label_for_a_window_yet_to_come_waits_for_it(make_daemon, mqtt_collector,
                                                        unique_device):
-    make_daemon(unique_device, ingest=_ingest(label_wait_s=10))
+    make_daemon(unique_device, ingest=IngestConfig(label_wait_s=10))
     t = Topics(unique_device)
     probe = mqtt_collector(t.events)
     probe.publish(t.labels, json.dumps({"id": "early", "label": "shake", "window": 1}), qos=1)
@@ -104,12 +104,6 @@ def test_a_label_for_a_window_yet_to_come_waits_for_it(make_daemon, mqtt_collect
     send(probe, t.frames, stream("shake", 2))
     probe.wait_for(lambda ms: events(probe, t.events, "label"), timeout_s=10)
     assert events(probe, t.events, "label")[0]["windows"] == 1
-
-
-def _ingest(**kw):
-    from agent.config import IngestConfig
-
-    return IngestConfig(**kw)
 
 
 BAD_LABELS = [
@@ -127,7 +121,7 @@ BAD_LABELS = [
 
 def test_malformed_labels_and_commands_get_events_and_counters(make_daemon, mqtt_collector,
                                                                unique_device):
-    d = make_daemon(unique_device, ingest=_ingest(label_wait_s=0.2))
+    d = make_daemon(unique_device, ingest=IngestConfig(label_wait_s=0.2))
     t = Topics(unique_device)
     probe = mqtt_collector(t.events, t.replies, t.predictions)
     send(probe, t.frames, stream("idle", 1))
@@ -323,8 +317,6 @@ def test_state_changing_commands_only_on_allowed_topics_and_signed(
     """commands.from = "agent" and commands.key_file: a sleep on a device topic, unsigned,
     badly signed or stale is refused with a reason; a signed one on the agent topic runs;
     status is always answered."""
-    import time as _time
-
     from agent.messages import sign_command
 
     key = b"k" * 32
@@ -340,15 +332,15 @@ def test_state_changing_commands_only_on_allowed_topics_and_signed(
         return probe.wait_for_count(1, topic=t.replies, timeout_s=10)[0].json()
 
     assert command(dev, {"id": "s", "cmd": "status"})["ok"]
-    r = command(dev, sign_command({"id": "a", "cmd": "snapshot", "ts": _time.time()}, key))
+    r = command(dev, sign_command({"id": "a", "cmd": "snapshot", "ts": time.time()}, key))
     assert not r["ok"] and r["reason"] == "not_authorized" and "agent's own topic" in r["error"]
     r = command(gw, {"id": "b", "cmd": "snapshot"})
     assert not r["ok"] and "must be signed" in r["error"]
-    r = command(gw, sign_command({"id": "c", "cmd": "snapshot", "ts": _time.time()}, b"x" * 32))
+    r = command(gw, sign_command({"id": "c", "cmd": "snapshot", "ts": time.time()}, b"x" * 32))
     assert not r["ok"] and "bad signature" in r["error"]
-    r = command(gw, sign_command({"id": "d", "cmd": "snapshot", "ts": _time.time() - 3600}, key))
+    r = command(gw, sign_command({"id": "d", "cmd": "snapshot", "ts": time.time() - 3600}, key))
     assert not r["ok"] and "off the agent's clock" in r["error"]
-    r = command(gw, sign_command({"id": "e", "cmd": "snapshot", "ts": _time.time()}, key))
+    r = command(gw, sign_command({"id": "e", "cmd": "snapshot", "ts": time.time()}, key))
     assert r["ok"], r
 
 

@@ -7,20 +7,18 @@ import pytest
 
 from agent.errors import BrokerError, ConfigError
 from firmware_sim import broker as broker_module
-from firmware_sim.broker import EmbeddedBroker, amqtt_available, find_mosquitto, resolve_kind
+from firmware_sim.broker import (
+    EmbeddedBroker,
+    accepts,
+    amqtt_available,
+    find_mosquitto,
+    resolve_kind,
+)
 from tests.conftest import MqttProbe
 
 N_BURST = 5_000
 needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="no mosquitto binary")
 needs_amqtt = pytest.mark.skipif(not amqtt_available(), reason="amqtt not installed")
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("qos", [0, 1])
@@ -72,7 +70,7 @@ def test_amqtt_standalone_round_trip_and_clean_stop(unique_device):
             assert msg.payload == b"over amqtt"
     assert not b.running
     assert f"amqtt-broker-{port}" not in {t.name for t in threading.enumerate()}
-    assert not _accepts(port)
+    assert not accepts(port)
 
 
 @needs_mosquitto
@@ -88,7 +86,7 @@ def test_mosquitto_restart_keeps_the_port_and_persisted_state(tmp_path, unique_d
             sub.subscribe(topic, qos=1)
             [msg] = sub.wait_for_count(1, topic=topic)
             assert (msg.payload, msg.retain) == (b"kept", True)
-    assert not _accepts(port)
+    assert not accepts(port)
     assert (tmp_path / "mosquitto.db").exists(), "a caller's workdir is kept"
 
 

@@ -34,7 +34,15 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from agent.bench.cli import environment, print_table, write_json
+from agent.bench.cli import (
+    command_line,
+    environment,
+    flat,
+    print_table,
+    print_verdicts,
+    say,
+    write_json,
+)
 
 TARGET_INGEST_PCT = 50.0
 TARGET_P99_MS = 5.0
@@ -123,7 +131,7 @@ def cmd_e2e(args: argparse.Namespace) -> int:
     bundle = load_bundle(bundle_dir)
     window, channels = bundle.input.window_samples, bundle.input.n_channels
     frame_sizes = [window] + ([window // 4] if plan.quarter_frames and window % 4 == 0 else [])
-    result: dict = {"bench": "e2e", "environment": environment(), "command": _command(),
+    result: dict = {"bench": "e2e", "environment": environment(), "command": command_line(),
                     "plan": asdict(plan), "bundle": bundle.bundle_id,
                     "window": [channels, window], "load_before": os.getloadavg()}
     busy0 = procs.system_busy()
@@ -131,10 +139,10 @@ def cmd_e2e(args: argparse.Namespace) -> int:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reverie-e2e-")))
         broker, url = procs.start_broker(tmp)
         stack.callback(broker.close)
-        _say(f"private mosquitto on {url}; bundle {bundle.bundle_id} ({channels}x{window})")
+        say("e2e", f"private mosquitto on {url}; bundle {bundle.bundle_id} ({channels}x{window})")
         result["raw_ceiling"] = [raw_ceiling(url, PREFIX, fs, channels, plan.seconds, tmp)
                                  for fs in frame_sizes]
-        _say("raw ceiling done; starting the daemon (one device)")
+        say("e2e", "raw ceiling done; starting the daemon (one device)")
         one = Target.start(bundle_dir, url, PREFIX, ["bench-000"], window, channels, tmp)
         with one:
             one.warm_up()
@@ -145,7 +153,7 @@ def cmd_e2e(args: argparse.Namespace) -> int:
                 row["pct_of_ceiling"] = 100 * row["frames_per_s"] / ceiling["received_per_s"]
             result["ingest"] = ingest
             result["idle"]["after_load"] = one.daemon.memory_mb()
-        _say(f"starting the daemon in gateway mode ({plan.gateway_devices} devices)")
+        say("e2e", f"starting the daemon in gateway mode ({plan.gateway_devices} devices)")
         devices = [f"bench-{k:03d}" for k in range(plan.gateway_devices)]
         gw = Target.start(bundle_dir, url, PREFIX, devices, window, channels, tmp, gateway=True)
         with gw:
@@ -162,14 +170,8 @@ def cmd_e2e(args: argparse.Namespace) -> int:
     return 0
 
 
-def _command() -> str:
-    argv = sys.argv[1:] if Path(sys.argv[0]).name in ("reverie", "cli.py", "__main__.py") \
-        else sys.argv
-    return " ".join(["reverie", *argv])
 
 
-def _say(msg: str) -> None:
-    print(f"[e2e] {msg}", file=sys.stderr, flush=True)
 
 
 def targets(result: dict) -> list[dict]:
@@ -194,10 +196,6 @@ def targets(result: dict) -> list[dict]:
     return out
 
 
-def _flat(rows: list[dict]) -> list[dict]:
-    """Rows with dict cells (drops by reason) written as ``reason=n ...`` for the table."""
-    return [{k: (" ".join(f"{r}={n}" for r, n in v.items()) or "0") if isinstance(v, dict)
-             else v for k, v in row.items()} for row in rows]
 
 
 def report(result: dict) -> None:
@@ -205,11 +203,11 @@ def report(result: dict) -> None:
                                         "sent", "received"],
                 title="raw ceiling: paho subscriber, counting callback (msgs/s)")
     print()
-    print_table(_flat(result["ingest"]), ["frame_samples", "sent_per_s", "frames_per_s",
+    print_table(flat(result["ingest"]), ["frame_samples", "sent_per_s", "frames_per_s",
                                    "windows_per_s", "pct_of_ceiling", "dropped"],
                 title="sustained ingest: reverie run under a flood")
     print()
-    print_table(_flat(result["latency"]), ["devices", "target_rate", "achieved_rate", "sent",
+    print_table(flat(result["latency"]), ["devices", "target_rate", "achieved_rate", "sent",
                                     "lost", "dropped", "p50_ms", "p99_ms", "max_ms",
                                     "daemon_p99_ms"],
                 title="latency: frame published -> prediction received (ms)")
@@ -223,6 +221,4 @@ def report(result: dict) -> None:
           f"{result['machine_busy_pct']:.0f} % during the run, load average before "
           f"{result['load_before'][0]:.2f}, after {result['load_after'][0]:.2f}")
     print()
-    for t in result["targets"]:
-        verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
-        print(f"  {verdict:<12} {t['target']}: {t['value']}")
+    print_verdicts(result["targets"])
