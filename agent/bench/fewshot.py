@@ -30,10 +30,11 @@ def register(bench_sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_fewshot)
 
 
-def _accuracy(learner, X, names) -> float:
-    if not len(X):
+def _accuracy(learner, Z, names) -> float:
+    """Accuracy on latents `Z` (the test windows encoded once: the encoder is frozen)."""
+    if not len(Z):
         return float("nan")
-    preds = learner.predict_many(X)
+    preds = learner.predict_latents(Z)
     return float(np.mean([p.label == n for p, n in zip(preds, names, strict=True)]))
 
 
@@ -41,6 +42,7 @@ def run(bundle_path: str, data: str, shots: list[int], trials: int, seed: int,
         config=None) -> dict:
     from agent.bundle import load_bundle
     from agent.dataset import load_dataset
+    from agent.inference import Encoder
     from agent.learner import Learner, LearnerConfig
 
     config = config or LearnerConfig()
@@ -53,25 +55,32 @@ def run(bundle_path: str, data: str, shots: list[int], trials: int, seed: int,
     if not new:
         raise SystemExit(f"{data}: every class is a base class of the bundle; nothing to learn")
     base_mask = np.isin(test_names, base)
+    # One onnxruntime session for every learner, and the test windows encoded once.
+    encoder = Encoder(bundle, threads=config.threads)
+    Z_test = encoder.encode(ds.X_test.astype(np.float32))
+
+    def fresh() -> Learner:
+        return Learner(bundle, config, encoder=encoder)
+
     results = {"independent": {}, "sequential": {}}
     learn_times = []
     # A fresh learner is deterministic (seeded, one onnxruntime thread): its base-class
     # accuracy is the same for every trial, so measure it once.
-    before = _accuracy(Learner(bundle, config), ds.X_test[base_mask], test_names[base_mask])
+    before = _accuracy(fresh(), Z_test[base_mask], test_names[base_mask])
     for n in shots:
         recalls, worst_by_class, drops = [], {}, []
         for t in range(trials):
             rng = np.random.default_rng(seed * 1000 + t)
             for c in new:
-                L = Learner(bundle, config)
+                L = fresh()
                 idx = rng.permutation(np.flatnonzero(train_names == c))[:n]
                 for i in idx:
                     t0 = time.perf_counter()
                     L.learn_one(ds.X[i], c)
                     learn_times.append(time.perf_counter() - t0)
                 mask = test_names == c
-                r = _accuracy(L, ds.X_test[mask], test_names[mask])
-                after = _accuracy(L, ds.X_test[base_mask], test_names[base_mask])
+                r = _accuracy(L, Z_test[mask], test_names[mask])
+                after = _accuracy(L, Z_test[base_mask], test_names[base_mask])
                 recalls.append(r)
                 worst_by_class[c] = min(worst_by_class.get(c, 1.0), r)
                 drops.append(100 * (before - after))
@@ -82,17 +91,17 @@ def run(bundle_path: str, data: str, shots: list[int], trials: int, seed: int,
             "base_acc_drop_points_worst": float(np.max(drops))}
         # sequential: all new classes, one after another
         rng = np.random.default_rng(seed)
-        L = Learner(bundle, config)
+        L = fresh()
         for c in new:
             for i in rng.permutation(np.flatnonzero(train_names == c))[:n]:
                 L.learn_one(ds.X[i], c)
-        per = {c: _accuracy(L, ds.X_test[test_names == c], test_names[test_names == c])
+        per = {c: _accuracy(L, Z_test[test_names == c], test_names[test_names == c])
                for c in new}
         results["sequential"][n] = {
             "new_recall_mean": float(np.mean(list(per.values()))), "per_class": per,
             "base_acc_before": before,
-            "base_acc_after": _accuracy(L, ds.X_test[base_mask], test_names[base_mask]),
-            "all_classes_acc": _accuracy(L, ds.X_test, test_names)}
+            "base_acc_after": _accuracy(L, Z_test[base_mask], test_names[base_mask]),
+            "all_classes_acc": _accuracy(L, Z_test, test_names)}
     results["learn_one_p50_us"] = float(np.median(learn_times) * 1e6) if learn_times else None
     results["bundle"] = bundle.bundle_id
     results["base_classes"], results["new_classes"] = base, new

@@ -176,12 +176,16 @@ def loss_and_grad(x, y, t_logits, layout, rank, n_new, nw_off, act, wflat, bflat
         dA = grad[a_off: a_off + rank * n_in].reshape((rank, n_in))
         dB = grad[bb_off: bb_off + n_out * rank].reshape((n_out, rank))
         gu = np.zeros((B, rank), dtype=theta.dtype)                      # (B, r)
+        below = i > 0                          # the gradient goes on to the layer below
+        gh = np.zeros((B, n_in if below else 0), dtype=theta.dtype)      # (B, n_in)
         for b in range(B):
             for o in range(n_out):
                 go = gz[b, o]
                 if go != 0.0:
                     _axpy(go, u[b], dB[o], rank)
                     _axpy(go, Bm[o], gu[b], rank)
+                    if below:
+                        _axpy(go, W[o], gh[b], n_in)
             for k in range(rank):
                 _axpy(gu[b, k], h[b], dA[k], n_in)
         last = i == L - 1
@@ -198,14 +202,9 @@ def loss_and_grad(x, y, t_logits, layout, rank, n_new, nw_off, act, wflat, bflat
                     _axpy(gn, h[b], dN[n], n_in)
                     _axpy(gn, x[b], dS[n], d)
                     grad[c_off + n] += gn
-        if i == 0:
+        if not below:
             break
-        gh = np.zeros((B, n_in), dtype=theta.dtype)                      # (B, n_in)
         for b in range(B):
-            for o in range(n_out):
-                go = gz[b, o]
-                if go != 0.0:
-                    _axpy(go, W[o], gh[b], n_in)
             for k in range(rank):
                 _axpy(gu[b, k], A[k], gh[b], n_in)
             if last:
