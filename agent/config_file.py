@@ -88,8 +88,17 @@ def _split(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
-def _path(value: str | Path, base: Path | None) -> Path:
-    p = Path(value).expanduser()
+def _user_path(value: str | Path, where: str) -> Path:
+    """`value` with ``~`` / ``~user`` expanded; ConfigError naming `where` when it cannot
+    be (an unknown user, no home directory)."""
+    try:
+        return Path(value).expanduser()
+    except (RuntimeError, KeyError) as exc:
+        raise ConfigError(f"{where}={str(value)!r}: cannot expand '~' ({exc})") from None
+
+
+def _path(value: str | Path, base: Path | None, key: str) -> Path:
+    p = _user_path(value, key)
     return base / p if base is not None and not p.is_absolute() else p
 
 
@@ -109,10 +118,10 @@ def _typed(key: str, value: object, base: Path | None) -> object:
     if kind == "float":
         return float(value)
     if kind == "path":
-        return _path(value, base)
+        return _path(value, base, key)
     if kind == "paths":
         items = [value] if isinstance(value, str | Path) else value
-        return tuple(_path(p, base) for v in items
+        return tuple(_path(p, base, key) for v in items
                      for p in (_split(v) if isinstance(v, str) else [v]))
     return tuple(value) if kind == "strs" else value
 
@@ -132,9 +141,9 @@ def _from_env(var: str, key: str, raw: str) -> object:
     except (ValueError, KeyError):
         raise ConfigError(f"{var}={raw!r}, expected {_EXPECTED[kind]} ({key})") from None
     if kind == "path":
-        return Path(raw).expanduser()
+        return _user_path(raw, var)
     if kind in ("paths", "strs"):
-        return tuple(Path(p).expanduser() if kind == "paths" else p for p in _split(raw))
+        return tuple(_user_path(p, var) if kind == "paths" else p for p in _split(raw))
     return raw
 
 
@@ -222,7 +231,7 @@ def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None
     values: dict[str, object] = {}
     origin: dict[str, tuple[int, str]] = {}  # key -> (layer, where it was set)
     if path is not None:
-        file = Path(path).expanduser()
+        file = _user_path(path, CONFIG_ENV if path == env.get(CONFIG_ENV) else "--config")
         for key, value in _read_file(file).items():
             values[key], origin[key] = value, (1, f"in {file}")
     for key, (value, var) in _read_env(env).items():

@@ -516,3 +516,14 @@ def test_toml_round_trips(device, prefix, queue, hop, label_wait, windows, enabl
                                           budget_s=budget, max_duration_s=budget + extra)
         path.write_text(render_config(cfg, mask_secrets=False))
         assert load_config(path) == cfg
+
+
+def test_a_path_with_an_unknown_users_home_names_the_variable(tmp_path):
+    """``~nosuchuser/x`` cannot be expanded: a ConfigError naming where it came from (found
+    by the fuzz tests: it used to escape as RuntimeError)."""
+    with pytest.raises(ConfigError, match="REVERIE_AGENT_BUNDLE.*cannot expand"):
+        load_config(env={"REVERIE_AGENT_BUNDLE": "~no-such-user-0/b", "REVERIE_DEVICE_ID": "d"})
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[agent]\nbundle = "~no-such-user-0/b"\ndevice_id = "d"\n')
+    with pytest.raises(ConfigError, match="agent.bundle.*cannot expand"):
+        load_config(cfg)
