@@ -19,12 +19,17 @@ from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 from agent.errors import ReverieError  # noqa: E402
 from agent.mqtt import BrokerURL, make_client  # noqa: E402
 from firmware_sim.broker import EmbeddedBroker, find_mosquitto, resolve_kind  # noqa: E402
 
 BROKER_ENV = "REVERIE_TEST_BROKER"
+# HYPOTHESIS_PROFILE=ci (set by .ci/run): derandomized, so CI is reproducible; the default
+# profile explores new examples on every local run.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 pytest_plugins = ["tests.tlsbroker"]   # the `secure_broker` fixture (TLS, mTLS, passwords)
 
 
