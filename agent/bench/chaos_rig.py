@@ -287,7 +287,7 @@ class WalArchive:
                     continue
                 payloads[seq] = payload
                 kind, meta, _arrays = LearnerState.decode_record(payload)
-                out[seq] = (kind, meta.get("key"))
+                out[seq] = (kind, meta.get("key_digest", meta.get("key")))
         return out, rewritten
 
 

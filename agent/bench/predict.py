@@ -55,7 +55,7 @@ def fill_memory(learner, n: int, rng) -> None:
     if n <= 0:
         return
     base = learner.encoder.encode(_windows(learner.bundle, None, 256, rng))
-    codes = learner.coder.encode(base)
+    codes = learner.sparse_codes(base)            # (256, code_k); code_k = 0 when off
     n_classes = len(learner.classes)
     for i in range(n):
         j = i % len(base)

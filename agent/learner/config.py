@@ -96,26 +96,41 @@ class LearnerConfig:
     # Share of the associative readout in the fast vote. 0 by measurement: on digits it
     # changed 5-shot recall by < 1 point either way and costs ~15% of the predict path.
     assoc_weight: float = 0.0
-    # Share of the schema readout (the memory's running class means + shared covariance,
-    # agent/memory/schema.py) in the final class distribution; 0 turns it off. 0.5 by
-    # measurement (bench cl, digits seeds 0-2 and the simulator; docs/benchmarks.md):
-    # digits ACC 95.8 -> 97.2 %, above 0.3 / 0.7 / 1.0 (schema alone) and temperature 10.
-    schema_weight: float = 0.5
+    # k-WTA sparse codes of every stored latent (agent/memory/sparse.py). Off by
+    # measurement (issue 12, docs/benchmarks.md): only the associative readout reads them,
+    # and they cost more memory per episode than the float16 latent plus a coder matrix.
+    # assoc_weight > 0 turns them on.
+    sparse_codes: bool = False
+    # Fusion (agent/learner/trust.py): the readouts head (with the kNN's mass for classes
+    # it lacks), knn and schema are pooled linearly with weights learned test-then-train
+    # on this device's labelled windows ("prequential"), or fixed at the priors below
+    # ("fixed"). Priors are relative (normalised); 0 turns a readout off.
+    fusion: str = "prequential"
+    head_weight: float = 1.0
+    knn_weight: float = 1.0
+    schema_weight: float = 1.0
+    pool_weight: float = 1.0               # prior of the fixed pool of the three
+    fusion_eta: float = 0.5                # learning rate of the exponential weights
+    fusion_score: str = "log"              # "log": log-score of the label; "hit": argmax right
+    fusion_decay: float = 0.99             # per labelled window: a ~100-window memory
     schema_temperature: float = 1.0        # of its softmax over the LDA scores
-    # The schema abstains on a prediction whose winner it has seen fewer latents of than
-    # this (a class it has not formed a prototype of yet: the kNN's single close episode
-    # decides); 0: never abstains. Measured: at 0 the schema cut digits 1-shot new-class
-    # recall 32 -> 16 %; 10 restores it (33 %) with ACC unchanged.
-    schema_min_count: int = 10
     surprise_threshold: float = 0.5
     store_confident_rate: float = 0.05
     # Always store until a class holds this many: the surprise gate alone kept the memory
     # mostly empty (127 of 717 stream windows on digits); 80 lifted `bench cl` digits ACC
     # from 89.4-93.8 % to 95.6-95.9 % over seeds 0-2 (docs/benchmarks.md).
     min_class_episodes: int = 80
-    novelty_quantile: float = 0.99         # of seed exemplars' 1-NN distances -> threshold
-    novelty_margin: float = 1.5            # threshold = margin * that quantile
+    # Open set (agent/learner/novelty.py): the false-alarm rate the novelty flag is
+    # calibrated to on known classes, how many known-class windows calibrate it, and how
+    # many observations make a class "known" for calibration.
+    novelty_fa: float = 0.05
+    novelty_calibration: int = 256
+    novelty_min_class: int = 10
     exemplars_per_class: int = 20          # bundle exemplars seeded into memory per class
+    # Quotas on classes created by labels (the bundle's count against max_classes); a
+    # label beyond either is refused with an InputError naming the quota.
+    max_classes: int = 256
+    max_new_classes_per_hour: int = 64
     latent_dtype: str = "float16"
     sparse: SparseCoderConfig = field(default_factory=SparseCoderConfig)
     sleep: SleepConfig = field(default_factory=SleepConfig)
@@ -138,19 +153,36 @@ class LearnerConfig:
         need(0 < self.temperature <= 10, "temperature", "0 < temperature <= 10")
         need(0 < self.vote_power <= 64, "vote_power", "0 < power <= 64")
         need(0 <= self.assoc_weight <= 1, "assoc_weight", "0 <= weight <= 1")
-        need(isinstance(self.schema_weight, int | float) and 0 <= self.schema_weight <= 1,
-             "schema_weight", "0 <= weight <= 1")
+        for name in ("head_weight", "knn_weight", "schema_weight", "pool_weight"):
+            v = getattr(self, name)
+            need(isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1,
+                 name, "0 <= weight <= 1")
+        need(self.head_weight + self.knn_weight + self.schema_weight > 0, "head_weight",
+             "a positive weight on at least one of head/knn/schema_weight")
+        need(self.fusion in ("prequential", "fixed"), "fusion", "'prequential' or 'fixed'")
+        need(self.fusion_score in ("log", "hit"), "fusion_score", "'log' or 'hit'")
+        need(isinstance(self.fusion_eta, int | float) and 0 <= self.fusion_eta <= 100,
+             "fusion_eta", "0 <= eta <= 100")
+        need(isinstance(self.fusion_decay, int | float) and 0 < self.fusion_decay <= 1,
+             "fusion_decay", "0 < decay <= 1")
+        need(isinstance(self.sparse_codes, bool), "sparse_codes", "true or false")
         need(isinstance(self.schema_temperature, int | float)
              and 0 < self.schema_temperature <= 1e6, "schema_temperature",
              "0 < temperature <= 1e6")
-        need(isinstance(self.schema_min_count, int) and self.schema_min_count >= 0,
-             "schema_min_count", "an int >= 0")
         need(0 <= self.surprise_threshold <= 1, "surprise_threshold", "within [0, 1]")
         need(0 <= self.store_confident_rate <= 1, "store_confident_rate", "within [0, 1]")
         need(isinstance(self.min_class_episodes, int) and self.min_class_episodes >= 0,
              "min_class_episodes", "an int >= 0")
-        need(0 < self.novelty_quantile <= 1, "novelty_quantile", "within (0, 1]")
-        need(self.novelty_margin > 0, "novelty_margin", "> 0")
+        need(isinstance(self.max_classes, int) and 2 <= self.max_classes <= 2**20,
+             "max_classes", "an int in [2, 2**20]")
+        need(isinstance(self.max_new_classes_per_hour, int)
+             and self.max_new_classes_per_hour >= 0, "max_new_classes_per_hour", "an int >= 0")
+        need(isinstance(self.novelty_fa, int | float) and 0 < self.novelty_fa < 1,
+             "novelty_fa", "0 < rate < 1")
+        need(isinstance(self.novelty_calibration, int) and self.novelty_calibration >= 2,
+             "novelty_calibration", "an int >= 2")
+        need(isinstance(self.novelty_min_class, int) and self.novelty_min_class >= 0,
+             "novelty_min_class", "an int >= 0")
         need(isinstance(self.exemplars_per_class, int) and self.exemplars_per_class >= 0,
              "exemplars_per_class", "an int >= 0")
         need(self.latent_dtype in ("float16", "float32"), "latent_dtype",

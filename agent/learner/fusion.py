@@ -8,11 +8,13 @@ mass among them::
     p[c in head]     = p_fast(head classes) * p_head[c]
     p[c not in head] = p_fast[c]
 
-With an empty memory (or no similar episode) the head decides alone. The schema readout
-(class prototypes + shared covariance, agent/memory/schema.py) is then pooled in with a
-fixed weight (`mix_schema`): it knows every class the memory has seen, like the kNN, but
-summarises all of them rather than the nearest few. Pure functions on arrays, so they are
-easy to test against hand-computed cases.
+With an empty memory (or no similar episode) the head decides alone. That is the "head"
+readout; the "knn" readout is the fast vote alone, and the "schema" readout (class
+prototypes + shared covariance, agent/memory/schema.py) knows every class the memory has
+seen but summarises all of them rather than the nearest few. `mix_readouts` pools the
+three with weights the device learns from its own labels (agent/learner/trust.py).
+`mix_schema` is the fixed two-way pool used before issue 12. Pure functions on arrays, so
+they are easy to test against hand-computed cases.
 """
 
 from __future__ import annotations
@@ -126,3 +128,34 @@ def mix_schema(probs: np.ndarray, who: list[str], p_schema: np.ndarray,
     out = np.where(has[:, None], (1.0 - weight) * probs + weight * p_schema, probs)
     changed = out.argmax(axis=1) != probs.argmax(axis=1)
     return out, [("fast" if c else w) for w, c in zip(who, changed.tolist(), strict=True)]
+
+
+def mix_readouts(P: np.ndarray, weights: np.ndarray,
+                 p_head: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Pool the readouts ``P`` (R, B, K) (`Learner._readouts`: head, knn, schema) linearly
+    with ``weights`` (R,) -> (B, K) rows summing to 1, and who decided each row.
+
+    A readout with a row of zeros (it knows nothing yet) is left out of that row and the
+    others' weights renormalised. Who decided: ``"fast"`` when the winner is not one of
+    the head's ``Kh = p_head.shape[1]`` classes or the bare head's argmax is not the
+    winner; otherwise ``"agree"`` when the kNN or schema readout also names it, else
+    ``"slow"``.
+    """
+    has = P.sum(axis=2) > 0                                            # (R, B)
+    w = np.where(has, np.asarray(weights, np.float64)[:, None], 0.0)   # (R, B)
+    total = w.sum(axis=0)                                              # (B,)
+    lone = total <= 0            # no weighted readout has an opinion: any that has one
+    if lone.any():
+        w[:, lone] = has[:, lone].astype(np.float64)
+        total = w.sum(axis=0)
+    w = np.divide(w, total, out=np.zeros_like(w), where=total > 0)
+    probs = np.einsum("rb,rbk->bk", w, P)                              # (B, K)
+    best = probs.argmax(axis=1)
+    kh = p_head.shape[1]
+    head_best = p_head.argmax(axis=1)
+    others = (P[1:].argmax(axis=2) == best[None]) & has[1:]          # (R-1, B)
+    who = ["fast" if b >= kh or hb != b else ("agree" if o else "slow")
+           for b, hb, o in zip(best.tolist(), head_best.tolist(), others.any(axis=0).tolist(),
+                               strict=True)]
+    return probs, who
+

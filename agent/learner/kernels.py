@@ -13,14 +13,17 @@ from numba import njit
 @njit(cache=True, nogil=True)
 def fuse_max_similarity(labels, distances, p_head, n_classes, temperature):  # pragma: no cover
     """labels (B, k) int32, distances (B, k) f32, p_head (B, Kh) f64 -> probs (B, K) f64,
-    decided (B,) int8: 0 slow, 1 agree, 2 fast.
+    decided (B,) int8: 0 slow, 1 agree, 2 fast; p_fast (B, K) f64.
 
     Per class the similarity of its nearest neighbour, softmax(sim / temperature) over the
-    classes present (the fast distribution), then the hierarchical fusion of `fusion.fuse`.
+    classes present (the fast distribution ``p_fast``, all zeros for an empty memory; the
+    kNN readout), then the hierarchical fusion of `fusion.fuse` (``probs``: the head's
+    readout, which knows only its own classes, extended by the kNN's mass elsewhere).
     """
     B, k = labels.shape
     kh = p_head.shape[1]
     probs = np.zeros((B, n_classes))
+    p_fast = np.zeros((B, n_classes))
     decided = np.zeros(B, np.int8)
     best = np.empty(n_classes)
     for b in range(B):
@@ -48,6 +51,8 @@ def fuse_max_similarity(labels, distances, p_head, n_classes, temperature):  # p
                 best[c] = 0.0
             if best[c] > best[fast_arg]:
                 fast_arg = c
+        for c in range(n_classes):
+            p_fast[b, c] = best[c] / total
         head_mass = 0.0
         for c in range(kh):
             head_mass += best[c] / total
@@ -67,7 +72,7 @@ def fuse_max_similarity(labels, distances, p_head, n_classes, temperature):  # p
             decided[b] = 2
         elif arg == fast_arg:
             decided[b] = 1
-    return probs, decided
+    return probs, decided, p_fast
 
 
 def warmup() -> None:

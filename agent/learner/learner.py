@@ -21,8 +21,11 @@ head's. `sleep` trains a copy off the predicting thread and swaps the object at 
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import threading
+from collections import deque
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +33,17 @@ from pathlib import Path
 import numpy as np
 
 from agent.bundle import Bundle, load_bundle
-from agent.errors import InputError
+from agent.errors import InputError, ReverieError
 from agent.head import Head
 from agent.inference import Encoder, softmax
 from agent.learner import fusion, kernels
 from agent.learner.config import LearnerConfig
 from agent.learner.state import LearnerState, restore, snapshot
+from agent.learner.novelty import NoveltyCalibration
+from agent.learner.trust import READOUTS, ReadoutTrust
 from agent.memory import (
     AssociativeReadout,
+    MemoryInputError,
     EpisodicMemory,
     MemoryConfig,
     ReadoutConfig,
@@ -50,6 +56,14 @@ log = logging.getLogger("reverie.learner")
 MAX_LABEL_CHARS = 64
 MAX_SEEN_KEYS = 20_000   # label keys remembered for deduplication (checkpointed)
 MAX_PREVIOUS_HEADS = 3   # earlier adapters kept in memory for `rollback_adapter`
+# A caller's timestamp may run ahead of the agent's clock by this much; beyond, the agent's
+# clock is used (a device's ts=1e300 must not make its episodes outlive every later one).
+MAX_CLOCK_SKEW_S = 300.0
+
+
+def key_digest(key: str) -> str:
+    """The form a label key is remembered in: 32 hex digits of its SHA-256 (UTF-8)."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 _DECIDED = ("slow", "agree", "fast")
 
 
@@ -60,8 +74,8 @@ class Prediction:
     classes: tuple[str, ...]
     confidence: float
     decided_by: str              # "slow" (head), "fast" (memory), "agree"
-    novelty: bool                # far from everything the memory holds
-    novelty_score: float         # cosine distance to the nearest stored episode
+    novelty: bool                # unlike every known class (agent/learner/novelty.py)
+    novelty_score: float         # 1 - conformal p-value; flagged at >= 1 - novelty_fa
     latency_us: float
 
     def prob_dict(self) -> dict[str, float]:
@@ -91,13 +105,16 @@ class Learner:
                              f"{bundle.bundle_id}")
         # Several learners (a gateway's per-device learners) may share one encoder session.
         self.encoder = encoder or Encoder(bundle, threads=config.threads)
-        self._seen: dict[str, None] = {}  # label keys already learned, oldest first
+        # Digests of the label keys already learned, oldest first (`key_digest`: a hostile
+        # key of 256 emoji costs 32 bytes here and in a checkpoint, like any other).
+        self._seen: dict[str, None] = {}
         self.head = Head.from_npz(bundle.file("head.npz"), bundle.manifest)   # frozen base
         # The slow system predictions use; replaced (never mutated) by an accepted sleep.
         self.adapted_head = AdaptedHead.fresh(self.head, config.sleep.rank, config.seed)
         self._sleep_lock = threading.Lock()
         self._previous_heads: list[AdaptedHead] = []
         self._n_sleeps = 0
+        self.max_adapter_version = 0      # versions never repeat, rollbacks included
         self.latent_dim = self.encoder.latent_dim
         self.classes: list[str] = list(bundle.classes)
         self._index = {c: i for i, c in enumerate(self.classes)}
@@ -105,20 +122,35 @@ class Learner:
         self._rng = np.random.default_rng(config.seed)
         self.n_stored = 0                 # episodes learned since creation (incl. replayed)
         self._since_checkpoint = 0
-        self.novelty_threshold: float | None = None
+        # Open-set calibration: known-class scores of this device's labelled windows.
+        self.novelty_cal = NoveltyCalibration(config.novelty_fa, config.novelty_calibration)
+        # Which readout to trust, learned on this device's labels (test-then-train).
+        self.trust = ReadoutTrust((config.head_weight, config.knn_weight, config.schema_weight,
+                                   config.pool_weight),
+                                  eta=config.fusion_eta, decay=config.fusion_decay,
+                                  score=config.fusion_score)
+        self._pool_prior = np.array([config.head_weight, config.knn_weight,
+                                     config.schema_weight], np.float64)
         exemplars = self._exemplars = self._load_exemplars()   # sleep replays them too
         # The memory compares latents centred on the mean training latent: non-negative
         # (post-ReLU) latents share a dominant direction that swamps cosine similarity.
         self.center = (exemplars["latent_mean"] if exemplars is not None and config.center
                        else np.zeros(self.latent_dim, np.float32))
-        self.coder = self._make_coder(exemplars)
+        # Sparse codes only when something reads them (see LearnerConfig.sparse_codes).
+        self.coder: SparseCoder | None = (self._make_coder(exemplars)
+                                          if config.sparse_codes or config.assoc_weight
+                                          else None)
+        code_k = self.coder.k if self.coder is not None else 0
         self.memory = EpisodicMemory(MemoryConfig(
-            capacity=config.capacity, dim=self.latent_dim, code_k=self.coder.k,
+            capacity=config.capacity, dim=self.latent_dim, code_k=code_k,
             ef_search=config.ef_search, latent_dtype=config.latent_dtype, seed=config.seed))
-        self.readout = AssociativeReadout(ReadoutConfig(n_units=self.coder.n_units,
-                                                        code_k=self.coder.k))
+        self.readout: AssociativeReadout | None = (
+            AssociativeReadout(ReadoutConfig(n_units=self.coder.n_units, code_k=code_k))
+            if self.coder is not None else None)
         self.state: StateDir | None = None
         self.recovery_warnings: list[str] = []
+        self.replay_skipped = 0           # log records that could not be applied at start
+        self._new_class_times: deque[float] = deque()   # monotonic times of new classes
         if state_dir is not None:
             self.state = StateDir(state_dir)
             rec = self.state.recover()
@@ -129,17 +161,45 @@ class Learner:
                 restore(self, LearnerState.from_checkpoint(rec.checkpoint))
             else:
                 self._seed(exemplars)
-            for _seq, payload in rec.records:
-                kind, meta, arrays = LearnerState.decode_record(payload)
-                if kind == "episode":
-                    self._apply(arrays["h"], str(meta["label"]), float(meta["surprise"]),
-                                float(meta["ts"]))
-                if meta.get("key") is not None:
-                    self._remember(str(meta["key"]))
+            for seq, payload in rec.records:
+                try:
+                    self._replay(payload)
+                except (ReverieError, MemoryInputError, ValueError, TypeError,
+                        KeyError) as exc:
+                    # A record this build cannot apply never stops the agent from starting:
+                    # skipped, counted and reported (nothing after it is lost).
+                    self.replay_skipped += 1
+                    msg = f"log record {seq} skipped: {exc}"
+                    self.recovery_warnings.append(msg)
+                    log.warning("state recovery: %s", msg)
             if rec.records:
-                log.info("replayed %d logged episode(s)", len(rec.records))
+                log.info("replayed %d logged record(s), %d skipped", len(rec.records),
+                         self.replay_skipped)
         else:
             self._seed(exemplars)
+
+    def _replay(self, payload: bytes) -> None:
+        """Apply one write-ahead-log record (start-up); raises if it cannot be applied."""
+        kind, meta, arrays = LearnerState.decode_record(payload)
+        if kind in ("episode", "observed"):
+            h = self._latents(np.asarray(arrays["h"])[None])[0]
+            label = meta.get("label")
+            self._check_label(label)
+            self.memory.check_latent(h - self.center, store=kind == "episode")
+            if kind == "episode":
+                self._apply(h, label, float(meta["surprise"]), float(meta["ts"]))
+            else:
+                idx, _ = self._class_index(label)
+                self.memory.observe(h - self.center, idx)
+        if isinstance(meta.get("key_digest"), str):
+            self._remember(meta["key_digest"])
+        elif meta.get("key") is not None:                 # a record of an older build
+            self._remember(key_digest(str(meta["key"])))
+        scored = LearnerState.trust_of(meta, len(READOUTS))
+        if scored is not None:
+            self.trust.update(*scored[:2])
+            if scored[2] is not None:
+                self.novelty_cal.add(scored[2])
 
     @classmethod
     def from_bundle(cls, path: str | Path, config: LearnerConfig | None = None, *,
@@ -190,22 +250,27 @@ class Learner:
             for h, y in zip(lat[rest], lab[rest], strict=True):
                 self.memory.observe(h - self.center, int(y))
         lat, lab = lat[keep], lab[keep]
-        codes = self.coder.encode(lat) if len(lat) else []
+        codes = self.sparse_codes(lat)
         for h, code, y in zip(lat, codes, lab, strict=True):
             self.memory.add(h - self.center, code, int(y), surprise=0.0, ts=0.0)
-            self.readout.learn(code, int(y))
+            if self.readout is not None:
+                self.readout.learn(code, int(y))
         if has_stats:   # statistics are shift-invariant but the means: centre them too
             self.memory.schema.seed_stats(exemplars["class_counts"],
                                           exemplars["class_means"] - self.center,
                                           exemplars["class_scatter"])
-        if len(lat) >= 2:
+        if len(lat) >= 2:      # the first calibration: the stored exemplars, leave-one-out
             u = lat - self.center
             u = u / np.linalg.norm(u, axis=1, keepdims=True)
             d = 1.0 - u @ u.T
             np.fill_diagonal(d, np.inf)
-            nn = d.min(axis=1)
-            self.novelty_threshold = float(self.config.novelty_margin *
-                                           np.quantile(nn, self.config.novelty_quantile))
+            _, d2 = self.memory.schema.class_distances(lat - self.center, leave_out=lab)
+            self.novelty_cal.reset(np.stack([d.min(axis=1), d2.min(axis=1)], axis=1))
+
+    @property
+    def novelty_threshold(self) -> float:
+        """`Prediction.novelty_score` at or above which a window is flagged novel."""
+        return self.novelty_cal.threshold
 
     # ------------------------------------------------------------------ inputs
 
@@ -227,11 +292,33 @@ class Learner:
             raise InputError(f"window holds NaN/Inf (first at index {where}); rejected")
         return x
 
-    def _class_index(self, label) -> tuple[int, bool]:
+    @staticmethod
+    def _check_label(label) -> None:
         if not isinstance(label, str) or not label or len(label) > MAX_LABEL_CHARS \
                 or not label.isprintable():
             raise InputError(f"label {label!r}: expected a printable string of 1-"
                              f"{MAX_LABEL_CHARS} characters")
+
+    def _check_class_quota(self, label: str) -> None:
+        """Refuse a new class beyond ``max_classes`` or ``max_new_classes_per_hour`` (on the
+        agent's monotonic clock): one sender must not grow every prediction, the status and
+        the memory without bound."""
+        cfg = self.config
+        if len(self.classes) >= cfg.max_classes:
+            raise InputError(f"label {label!r}: would be class {len(self.classes) + 1}, above "
+                             f"learner.max_classes={cfg.max_classes}; refused")
+        now = time.monotonic()
+        recent = self._new_class_times
+        while recent and recent[0] <= now - 3600.0:
+            recent.popleft()
+        if len(recent) >= cfg.max_new_classes_per_hour:
+            raise InputError(f"label {label!r}: {len(recent)} new classes in the last hour, "
+                             f"learner.max_new_classes_per_hour="
+                             f"{cfg.max_new_classes_per_hour}; refused")
+        recent.append(now)
+
+    def _class_index(self, label) -> tuple[int, bool]:
+        self._check_label(label)
         idx = self._index.get(label)
         if idx is not None:
             return idx, False
@@ -242,50 +329,93 @@ class Learner:
 
     # ------------------------------------------------------------------ predict
 
-    def _predict_latents(self, latents: np.ndarray, t0: float) -> list[Prediction]:
-        """Slow and fast system on a batch of latents (B, d), fused per row."""
+    def _readouts(self, latents: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every readout's class distribution for a batch of latents (B, d): ``P`` (R, B, K)
+        in `READOUTS` order (a row of zeros: the readout knows nothing yet), the bare
+        head's ``p_head`` (B, Kh) and the raw open-set scores (B, 2): the nearest
+        episode's cosine distance and the schema's `distance` (agent/learner/novelty.py).
+
+        * head: the slow system. It knows only its own classes (the bundle's, then those
+          consolidated by sleep), so the kNN readout decides how much mass goes to the
+          others and the head splits the rest among its own (`fusion.fuse`).
+        * knn: per class its nearest episode's similarity, softmax (`fusion.max_similarity_*`).
+        * pool: the three above pooled with their prior weights (``head/knn/schema_weight``).
+        * schema: the memory's class means + shared covariance (streaming LDA). It speaks
+          for a class from its first example (the shared covariance carries it; before
+          issue 12 it abstained below 10 examples, which cost pigcvp's 2-per-class classes
+          their best readout); the trust weights decide how much it is heard.
+        """
         cfg = self.config
         head = self.adapted_head          # one read: a concurrent sleep may swap it
         p_head = softmax(head.logits(latents).astype(np.float64))            # (B, Kh)
         n_classes = len(self.classes)
         centred = latents - self.center                                      # (B, d)
         labels, dist = self.memory.neighbours(centred, cfg.k_neighbors)      # (B, k)
+        P = np.zeros((len(READOUTS), latents.shape[0], n_classes))           # (R, B, K)
         if cfg.readout == "max" and not cfg.assoc_weight:   # the fast path: one kernel
-            probs, decided = kernels.fuse_max_similarity(labels, dist, p_head, n_classes,
-                                                         cfg.temperature)
-            who = [_DECIDED[d] for d in decided.tolist()]
+            P[0], _, P[1] = kernels.fuse_max_similarity(labels, dist, p_head, n_classes,
+                                                        cfg.temperature)
         else:
             if cfg.readout == "max":
                 knn = fusion.max_similarity_batch(labels, dist, n_classes, cfg.temperature)
             else:
                 knn = np.stack([fusion.knn_scores(lb, d, n_classes, cfg.vote_power)
                                 for lb, d in zip(labels, dist, strict=True)])
-            if cfg.assoc_weight:
-                codes = self.coder.encode(latents)                           # (B, k_active)
+            if cfg.assoc_weight and self.readout is not None:
+                codes = self.sparse_codes(latents)                           # (B, k_active)
                 assoc = self.readout.scores_batch(codes)                     # (B, K')
-                p_fast = np.stack([fusion.mix_fast(kn, a, cfg.assoc_weight)
-                                   for kn, a in zip(knn, assoc, strict=True)])
-            else:
-                p_fast = knn
-            probs, who = fusion.fuse_batch(p_head, p_fast)                   # (B, K)
-        if cfg.schema_weight:
-            p_schema = self.memory.schema_posterior(centred, n_classes,
-                                                    cfg.schema_temperature)  # (B, K)
-            if cfg.schema_min_count:                 # abstain on classes not formed yet
-                formed = self.memory.schema_counts(n_classes) >= cfg.schema_min_count
-                p_schema[~formed[probs.argmax(axis=1)]] = 0.0
-            probs, who = fusion.mix_schema(probs, who, p_schema, cfg.schema_weight)
-        return self._predictions(probs, who, dist, t0)
+                knn = np.stack([fusion.mix_fast(kn, a, cfg.assoc_weight)
+                                for kn, a in zip(knn, assoc, strict=True)])
+            P[0], _ = fusion.fuse_batch(p_head, knn)
+            P[1] = knn
+        if cfg.schema_weight > 0:
+            P[2] = self.memory.schema_posterior(centred, n_classes,
+                                                cfg.schema_temperature)      # (B, K)
+        P[3], _ = fusion.mix_readouts(P[:3], self._pool_prior, p_head)
+        raw = np.stack([dist[:, 0].astype(np.float64) if dist.shape[1]
+                        else np.full(latents.shape[0], np.inf),
+                        self.memory.schema_distance(centred)], axis=1)        # (B, 2)
+        return P, p_head, raw
 
-    def _predictions(self, probs, who, dist, t0) -> list[Prediction]:
-        nearest = dist[:, 0] if dist.shape[1] else np.full(len(probs), np.inf)
+    def _fusion_weights(self) -> np.ndarray:
+        return self.trust.weights() if self.config.fusion == "prequential" else self.trust.prior
+
+    def _predict_latents(self, latents: np.ndarray, t0: float) -> list[Prediction]:
+        """Every readout on a batch of latents (B, d), pooled with the trust weights."""
+        P, p_head, raw = self._readouts(latents)
+        probs, who = fusion.mix_readouts(P, self._fusion_weights(), p_head)  # (B, K)
+        return self._predictions(probs, who, raw, t0)
+
+    def readout_probs(self, windows) -> dict[str, np.ndarray]:
+        """Each readout's class distribution and the fused one for a batch of windows
+        (B, *input_shape): ``{"head", "knn", "schema", "fused"}`` -> (B, K) over
+        `classes` (a readout that knows nothing yet gives rows of zeros). For measuring
+        what the fusion adds (``reverie bench cl``); `predict_many` returns "fused"."""
+        x = self._windows(windows, single=False)
+        K = len(self.classes)
+        if not len(x):
+            return {n: np.zeros((0, K)) for n in (*READOUTS, "fused")}
+        P, p_head, _ = self._readouts(self.encoder.encode(x))
+        out = dict(zip(READOUTS, P, strict=True))
+        out["fused"], _ = fusion.mix_readouts(P, self._fusion_weights(), p_head)
+        return out
+
+    def novelty_raw(self, windows) -> np.ndarray:
+        """The raw open-set scores (B, 2) (nearest episode's cosine distance, the schema's
+        Mahalanobis distance per dimension) of a batch of windows, before calibration."""
+        x = self._windows(windows, single=False)
+        if not len(x):
+            return np.zeros((0, 2))
+        return self._readouts(self.encoder.encode(x))[2]
+
+    def _predictions(self, probs, who, raw, t0) -> list[Prediction]:
+        novelty = self.novelty_cal.novelty(raw)                              # (B,)
         best = probs.argmax(axis=1)
         latency = (time.perf_counter() - t0) * 1e6 / len(probs)
         classes = tuple(self.classes)
-        thr = self.novelty_threshold
-        return [Prediction(classes[b], p, classes, float(p[b]), w,
-                           bool(thr is not None and nd > thr), float(nd), latency)
-                for b, p, w, nd in zip(best.tolist(), probs, who, nearest.tolist(), strict=True)]
+        thr = self.novelty_cal.threshold - 1e-12
+        return [Prediction(classes[b], p, classes, float(p[b]), w, nv >= thr, nv, latency)
+                for b, p, w, nv in zip(best.tolist(), probs, who, novelty.tolist(), strict=True)]
 
     def predict_one(self, window) -> Prediction:
         """Predict one window of the bundle's input shape."""
@@ -324,10 +454,10 @@ class Learner:
 
     def seen(self, key: str) -> bool:
         """True if a label with this key was learned (deduplication of redelivered labels)."""
-        return key in self._seen
+        return key_digest(key) in self._seen
 
-    def _remember(self, key: str) -> None:
-        self._seen[key] = None
+    def _remember(self, digest: str) -> None:
+        self._seen[digest] = None
         if len(self._seen) > MAX_SEEN_KEYS:
             del self._seen[next(iter(self._seen))]
 
@@ -348,14 +478,38 @@ class Learner:
         """`learn_one` for a latent `encode` returned, shape (latent_dim,)."""
         t0 = time.perf_counter()
         h = self._latents(np.asarray(latent)[None])
-        ts = time.time() if ts is None else float(ts)
+        now = time.time()
+        if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float)
+                               or not math.isfinite(ts)):
+            raise InputError(f"ts={ts!r}: expected a finite number of seconds")
+        # Retention is scored on the agent's clock: a caller may date a window back, never
+        # beyond the agent's own now (+ MAX_CLOCK_SKEW_S).
+        ts = now if ts is None else min(float(ts), now + MAX_CLOCK_SKEW_S)
         if key is not None and (not isinstance(key, str) or not key or len(key) > 256):
             raise InputError(f"label key {key!r}: expected a string of 1-256 characters")
+        self._check_label(label)
+        try:   # everything the memory would refuse, refused before anything is logged
+            self.memory.check_latent(h[0] - self.center, store=True)
+        except MemoryInputError as exc:
+            raise InputError(f"latent cannot be learned: {exc}") from None
         with self._lock:
-            if key is not None and key in self._seen:
+            digest = None if key is None else key_digest(key)
+            if digest is not None and digest in self._seen:
                 return LearnResult(False, 0.0, False, None, None, duplicate=True)
+            if label not in self._index:
+                self._check_class_quota(label)
             idx, new_class = self._class_index(label)
-            pred = self._predict_latents(h, t0)[0]
+            P, p_head, raw = self._readouts(h)                               # test ...
+            probs, who = fusion.mix_readouts(P, self._fusion_weights(), p_head)
+            pred = self._predictions(probs, who, raw, t0)[0]
+            scored = None
+            if not new_class:                  # ... then train: no readout could know a new one
+                has = P[:, 0].sum(axis=1) > 0                               # (R,)
+                scored = (P[:, 0, idx], has & (P[:, 0].argmax(axis=1) == idx))
+                self.trust.update(*scored)
+                if self.memory.schema_counts(idx + 1)[idx] >= self.config.novelty_min_class:
+                    scored = (*scored, raw[0])          # a known class: calibrates novelty
+                    self.novelty_cal.add(raw[0])
             surprise = float(1.0 - pred.probs[idx]) if idx < len(pred.probs) else 1.0
             surprise = min(max(surprise, 0.0), 1.0)
             counts = self.memory.class_counts()
@@ -366,15 +520,21 @@ class Learner:
             eid = None
             if store:
                 if self.state is not None:
-                    self.state.log(LearnerState.encode_episode(h[0], label, surprise, ts, key),
+                    self.state.log(LearnerState.encode_episode(h[0], label, surprise, ts,
+                                                               digest, trust=scored),
                                    durable=self.config.durable)
                 eid = self._apply(h[0], label, surprise, ts)
                 self._since_checkpoint += 1
-            elif key is not None and self.state is not None:
-                # Not stored, but remembered: a redelivery after a crash must not store it.
-                self.state.log(LearnerState.encode_seen(key), durable=self.config.durable)
-            if key is not None:
-                self._remember(key)
+            else:
+                # Not stored as an episode, but the schema (class statistics) learns every
+                # labelled window, and a redelivery after a crash must not store it: logged.
+                if self.state is not None:
+                    self.state.log(LearnerState.encode_observed(h[0], label, digest,
+                                                                trust=scored),
+                                   durable=self.config.durable)
+                self.memory.observe(h[0] - self.center, idx)
+            if digest is not None:
+                self._remember(digest)
             if store and self.state is not None \
                     and self._since_checkpoint >= self.config.checkpoint_every:
                 self.checkpoint()
@@ -382,11 +542,19 @@ class Learner:
 
     def _apply(self, h: np.ndarray, label: str, surprise: float, ts: float) -> int:
         idx, _ = self._class_index(label)
-        code = self.coder.encode_one(h)
+        code = self.sparse_codes(h[None])[0]
         eid = self.memory.add(h - self.center, code, idx, surprise=surprise, ts=ts)
-        self.readout.learn(code, idx)
+        if self.readout is not None:
+            self.readout.learn(code, idx)
         self.n_stored += 1
         return eid
+
+    def sparse_codes(self, latents: np.ndarray) -> np.ndarray:
+        """The k-WTA codes the memory stores with latents (B, d): (B, code_k) int32, with
+        code_k = 0 when sparse codes are off (the default: `LearnerConfig.sparse_codes`)."""
+        if self.coder is None:
+            return np.zeros((latents.shape[0], 0), np.int32)
+        return self.coder.encode(latents)
 
     # ------------------------------------------------------------------ sleep
 
@@ -429,8 +597,10 @@ class Learner:
             else:
                 match = [h for h in self._previous_heads if h.version == to_version]
                 if not match:
-                    have = [0] + [h.version for h in self._previous_heads]
-                    raise InputError(f"to_version={to_version}: not in memory (have {have})")
+                    have = sorted({0} | {h.version for h in self._previous_heads})
+                    raise InputError(f"to_version={to_version}: not in memory (current version "
+                                     f"{current.version}; earlier ones kept: {have}; 0 is the "
+                                     "bundle's head)")
                 i = self._previous_heads.index(match[0])
                 head = match[0]
                 del self._previous_heads[i:]
@@ -482,5 +652,7 @@ class Learner:
                 "capacity": self.config.capacity, "stored_total": self.n_stored,
                 "per_class": {self.classes[i]: int(n) for i, n in enumerate(counts) if n},
                 "novelty_threshold": self.novelty_threshold,
+                "novelty_calibration": len(self.novelty_cal),
                 "adapter_version": self.adapted_head.version,
-                "head_classes": list(self.classes[: self.adapted_head.n_classes])}
+                "head_classes": list(self.classes[: self.adapted_head.n_classes]),
+                "fusion": {"mode": self.config.fusion, **self.trust.summary()}}

@@ -6,10 +6,12 @@ verified by the store's sha256 before hnswlib reads it) + the associative readou
 accepted (``adapter__A{i}``, ``adapter__B{i}``, ``adapter__N``, ``adapter__c``, with their
 manifest in ``info["adapter"]``: format, version, rank, dims; see agent/sleep/adapters.py)
 + ``info`` (format, bundle id, the class list in index order, counters, novelty threshold,
-the most recent label keys). Log records: a stored episode
-``{"kind": "episode", "label", "surprise", "ts", "key"?}`` + the latent; a label that was
-learned without storing an episode ``{"kind": "seen", "key"}`` (so a redelivered label is
-recognised as a duplicate after a restart).
+the most recent label keys, the fusion's trust record). Log records: a stored episode
+``{"kind": "episode", "label", "surprise", "ts", "key"?}`` + the latent; a labelled window
+learned by the class statistics only ``{"kind": "observed", "label", "key"?}`` + the latent
+(so the schema and a redelivered label's duplicate check survive a restart); from older
+builds ``{"kind": "seen", "key"}``. Each may carry the readouts' test-then-train score
+(``trust_p``, ``trust_hit``; agent/learner/trust.py).
 A checkpoint of another bundle is refused: episodes are latents of *that* encoder.
 """
 
@@ -118,39 +120,87 @@ class LearnerState:
 
     @staticmethod
     def encode_episode(h: np.ndarray, label: str, surprise: float, ts: float,
-                       key: str | None = None) -> bytes:
+                       key: str | None = None, *, trust=None) -> bytes:
         meta = {"kind": "episode", "label": label, "surprise": surprise, "ts": ts}
         if key is not None:
-            meta["key"] = key
+            meta["key_digest"] = key
+        _put_trust(meta, trust)
         return encode_record(meta, {"h": np.ascontiguousarray(h, dtype=np.float32)})
 
     @staticmethod
-    def encode_seen(key: str) -> bytes:
-        return encode_record({"kind": "seen", "key": key}, {})
+    def encode_seen(key: str, *, trust=None) -> bytes:
+        """(Older builds: a key learned without storing; replay still reads them.)"""
+        meta = {"kind": "seen", "key": key}
+        _put_trust(meta, trust)
+        return encode_record(meta, {})
+
+    @staticmethod
+    def encode_observed(h: np.ndarray, label: str, key: str | None = None, *,
+                        trust=None) -> bytes:
+        """A labelled window learned by the class statistics only (no episode stored)."""
+        meta = {"kind": "observed", "label": label}
+        if key is not None:
+            meta["key_digest"] = key
+        _put_trust(meta, trust)
+        return encode_record(meta, {"h": np.ascontiguousarray(h, dtype=np.float32)})
+
+    @staticmethod
+    def trust_of(meta: dict, n_readouts: int):
+        """The readouts' test-then-train score a record carries: ``(p, hit, novelty)``
+        (``trust_p``: each readout's probability of the label, ``trust_hit``: its argmax
+        was right, ``novelty_raw``: the window's raw open-set scores if it calibrated
+        them, else None), or None (a record from before the trust record, or one whose
+        scores do not fit)."""
+        p, hit = meta.get("trust_p"), meta.get("trust_hit")
+        nov = meta.get("novelty_raw")
+        if nov is not None and not (isinstance(nov, list) and len(nov) == 2 and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)
+                for v in nov)):
+            return None
+        if not (isinstance(p, list) and isinstance(hit, list)
+                and len(p) == len(hit) == n_readouts
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in p)
+                and all(isinstance(v, bool) for v in hit)):
+            return None
+        p_arr = np.asarray(p, np.float64)
+        if not (np.isfinite(p_arr).all() and (p_arr >= 0).all() and (p_arr <= 1).all()):
+            return None
+        return p_arr, np.asarray(hit, bool), (None if nov is None else np.asarray(nov, float))
 
     @staticmethod
     def decode_record(payload: bytes) -> tuple[str, dict, dict]:
         """``(kind, meta, arrays)`` of a log record; StateError for an unknown kind."""
         meta, arrays = decode_record(payload)
         kind = meta.get("kind")
-        if kind == "episode" and "h" in arrays:
+        if kind in ("episode", "observed") and "h" in arrays:
             return kind, meta, arrays
         if kind == "seen" and isinstance(meta.get("key"), str):
             return kind, meta, arrays
         raise StateError(f"log record of unknown kind {kind!r}: {sorted(meta)}")
 
 
+def _put_trust(meta: dict, trust) -> None:
+    if trust is not None:
+        p, hit = trust[:2]
+        meta["trust_p"] = [round(float(v), 6) for v in p]
+        meta["trust_hit"] = [bool(v) for v in hit]
+        if len(trust) > 2:
+            meta["novelty_raw"] = [round(float(v), 6) for v in trust[2]]
+
+
 def snapshot(learner: Learner) -> tuple[dict[str, np.ndarray], dict, dict]:
     """Arrays, file writers and info for `StateDir.checkpoint` (caller holds the lock)."""
     mem = learner.memory
     arrays = {f"mem__{k}": v for k, v in mem.state_arrays().items()}
-    arrays.update({f"ro__{k}": v for k, v in learner.readout.state_arrays().items()})
-    arrays.update({f"coder__{k}": v for k, v in learner.coder.state_arrays().items()})
+    if learner.coder is not None and learner.readout is not None:
+        arrays.update({f"ro__{k}": v for k, v in learner.readout.state_arrays().items()})
+        arrays.update({f"coder__{k}": v for k, v in learner.coder.state_arrays().items()})
     info = {"format": STATE_FORMAT, "bundle_id": learner.bundle.bundle_id,
             "classes": list(learner.classes), "n_stored": learner.n_stored,
-            "novelty_threshold": learner.novelty_threshold,
+            "novelty_calibration": learner.novelty_cal.state(),
             "memory_config": _config_dict(mem.config), "sleeps": learner._n_sleeps,
-            "seen_keys": list(learner._seen)}
+            "seen_key_digests": list(learner._seen), "trust": learner.trust.state(),
+            "max_adapter_version": learner.max_adapter_version}
     head = learner.adapted_head
     if head.version > 0:
         arrays.update({f"adapter__{k}": v for k, v in head.state_arrays().items()})
@@ -187,17 +237,40 @@ def restore(learner: Learner, st: LearnerState) -> None:
         raise StateError(f"the state's memory has capacity {cfg.capacity} and dim {cfg.dim}; "
                          f"the config asks for {learner.config.capacity} and "
                          f"{learner.latent_dim}")
-    learner.coder = SparseCoder.from_state(st.coder)
+    # Sparse codes follow the state: a memory saved with codes keeps computing them (its
+    # episodes carry them), one saved without (the default since issue 12) does not.
+    if cfg.code_k:
+        if not st.coder or not st.readout:
+            raise StateError(f"the state's memory stores sparse codes (code_k={cfg.code_k}) "
+                             "but the checkpoint has no coder/readout arrays")
+        learner.coder = SparseCoder.from_state(st.coder)
+        learner.readout = AssociativeReadout.from_state(
+            ReadoutConfig(n_units=learner.coder.n_units, code_k=learner.coder.k), st.readout)
+    else:
+        learner.coder = learner.readout = None
     learner.memory = EpisodicMemory.from_state(cfg, st.memory_arrays, st.index_path)
-    learner.readout = AssociativeReadout.from_state(
-        ReadoutConfig(n_units=learner.coder.n_units, code_k=learner.coder.k), st.readout)
     learner.classes = list(classes)
     learner._index = {c: i for i, c in enumerate(classes)}
     learner.n_stored = int(info.get("n_stored", 0))
-    learner.novelty_threshold = info.get("novelty_threshold")
+    if "novelty_calibration" in info:   # older checkpoints: the bundle's calibration stays
+        try:
+            learner.novelty_cal.restore(info["novelty_calibration"])
+        except StateError as exc:
+            learner.recovery_warnings.append(f"{exc}; novelty calibration from the bundle")
     learner._n_sleeps = int(info.get("sleeps", 0))
+    learner.max_adapter_version = int(info.get("max_adapter_version", 0))
+    if "trust" in info:          # absent in checkpoints from before the trust record
+        try:
+            learner.trust.restore(info["trust"])
+        except StateError as exc:  # a record of other readouts: start from the priors
+            learner.recovery_warnings.append(f"{exc}; fusion weights start from the priors")
     learner._seen.clear()
-    for key in info.get("seen_keys", []):
-        learner._remember(str(key))
+    from agent.learner.learner import key_digest
+
+    for digest in info.get("seen_key_digests", []):
+        learner._remember(str(digest))
+    for key in info.get("seen_keys", []):              # checkpoints of older builds
+        learner._remember(key_digest(str(key)))
     if head is not None:
         learner.adapted_head = head
+        learner.max_adapter_version = max(learner.max_adapter_version, head.version)

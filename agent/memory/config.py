@@ -61,7 +61,7 @@ class MemoryConfig:
     def __post_init__(self):
         _int_at_least("capacity", self.capacity, 1)
         _int_at_least("dim", self.dim, 1)
-        _int_at_least("code_k", self.code_k, 1)
+        _int_at_least("code_k", self.code_k, 0)   # 0: no sparse codes stored
         _int_at_least("M", self.M, 2)
         _int_at_least("ef_construction", self.ef_construction, 1)
         _int_at_least("ef_search", self.ef_search, 1)

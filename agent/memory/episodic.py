@@ -128,6 +128,11 @@ class EpisodicMemory:
             self.schema.observe(x, label)
         return eid
 
+    def check_latent(self, latent, *, store: bool = True) -> None:
+        """Raise MemoryInputError (naming the problem) if `add` (``store``) or `observe`
+        would refuse this latent; changes nothing. Lets a caller validate before it logs."""
+        self._latent(latent, store=store)
+
     def observe(self, latent, label: int) -> None:
         """Learn `latent`'s class statistics (the schema readout) without storing an episode:
         e.g. labelled latents the memory has no room or reason to keep."""
@@ -255,6 +260,13 @@ class EpisodicMemory:
         x = float_array(latents, name="latents", shape=(None, self.config.dim))
         with self._lock:
             return self.schema.posterior(x, n_classes, temperature)
+
+    def schema_distance(self, latents: np.ndarray) -> np.ndarray:
+        """`SchemaReadout.distance`: latents (B, dim) -> (B,) squared Mahalanobis distance
+        to the nearest class mean, per dimension (+inf before any observation)."""
+        x = float_array(latents, name="latents", shape=(None, self.config.dim))
+        with self._lock:
+            return self.schema.distance(x)
 
     def schema_counts(self, n_classes: int) -> np.ndarray:
         """Latents the schema readout has learned per class: (n_classes,) f64."""

@@ -173,6 +173,40 @@ class SchemaReadout:
         out[:, seen[seen_here]] = e / e.sum(axis=1, keepdims=True)
         return out
 
+    def distance(self, latents: np.ndarray) -> np.ndarray:
+        """latents (B, d) -> (B,) the squared Mahalanobis distance to the nearest class
+        mean under the shared covariance, divided by d (about 1 for a latent like the
+        training ones; +inf before any observation). An open-set score: far from every
+        class the schema knows. Uses the readout's own weights:
+        ``dof (x - mu_c) P (x - mu_c) = dof x P x - 2 (W_c x + b_c)``."""
+        seen, d2 = self.class_distances(latents)
+        if not seen.shape[0]:
+            return np.full(latents.shape[0], np.inf)
+        return d2.min(axis=1)
+
+    def class_distances(self, latents: np.ndarray,
+                        leave_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(seen classes (k,), squared Mahalanobis distance per dimension to each of their
+        means (B, k)). With ``leave_out`` (B,) class labels: as if each latent had not been
+        observed itself (its own class mean without it: ``(n / (n - 1))^2`` times the
+        distance; +inf for a class of one), for calibrating on latents the statistics
+        include."""
+        seen, W, b = self._weights()
+        x = latents.astype(np.float64)                                      # (B, d)
+        if not seen.shape[0]:
+            return seen, np.zeros((x.shape[0], 0))
+        dof = max(float(self.counts_.sum()) - seen.shape[0], 1.0)
+        quad = dof * np.einsum("bd,de,be->b", x, self.precision_, x)        # (B,)
+        d2 = np.maximum(quad[:, None] - 2.0 * (x @ W.T + b), 0.0) / self.dim  # (B, k)
+        if leave_out is not None:
+            col = np.searchsorted(seen, leave_out)
+            ok = (col < seen.shape[0]) & (seen[np.minimum(col, seen.shape[0] - 1)] == leave_out)
+            rows = np.flatnonzero(ok)
+            n = self.counts_[leave_out[rows]]
+            own = d2[rows, col[rows]] * (n / np.maximum(n - 1, 1)) ** 2
+            d2[rows, col[rows]] = np.where(n > 1, own, np.inf)
+        return seen, d2
+
     def _weights(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._readout is None:
             if self._since_exact < 0 or self._since_exact >= self.refresh_every:

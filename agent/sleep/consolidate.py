@@ -130,7 +130,8 @@ class _Sleep:
         if self.info["steps"] == 0:
             return self.report(False, "no training step fit in the budget (or replay_samples=0)")
         try:
-            student = student0.unpack(theta, version=teacher.version + 1)
+            student = student0.unpack(
+                theta, version=max(teacher.version, L.max_adapter_version) + 1)
         except (ValueError, ReverieError) as exc:
             return self.report(False, f"diverged: {exc}")
         if self.stop.is_set():
@@ -226,7 +227,7 @@ class _Sleep:
 
         def accuracy(head: AdaptedHead) -> Accuracy:
             p_head = softmax(head.logits(gate_x).astype(np.float64))     # (G, Kh)
-            probs, _ = fusion_kernels.fuse_max_similarity(nb_labels, nb_dist, p_head,
+            probs, _, _ = fusion_kernels.fuse_max_similarity(nb_labels, nb_dist, p_head,
                                                           n_classes, cfg.temperature)
             hit = probs.argmax(axis=1) == gate_y
             old = gate_y < kp
@@ -247,6 +248,7 @@ class _Sleep:
                 return self.report(False, "superseded: the head changed during the sleep")
             L._keep_previous_head(teacher)
             L.adapted_head = student
+            L.max_adapter_version = max(L.max_adapter_version, student.version)
             L.memory.mark_replayed(replayed_ids, time.time())
             decayed = L.memory.decay(np.unique(replayed_ids), cfg.forget_factor)
             evicted = _evict(L.memory, cfg.evict_below, cfg.keep_per_class)

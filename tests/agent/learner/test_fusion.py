@@ -16,8 +16,9 @@ def test_kernel_matches_numpy_oracle(B, k, kh, extra, temperature, seed):
     labels = rng.integers(0, n, (B, k)).astype(np.int32)
     dist = np.sort(rng.uniform(0, 2, (B, k)).astype(np.float32), axis=1)
     p_head = rng.dirichlet(np.ones(kh), B)
-    probs, decided = kernels.fuse_max_similarity(labels, dist, p_head, n, temperature)
+    probs, decided, p_fast = kernels.fuse_max_similarity(labels, dist, p_head, n, temperature)
     fast = fusion.max_similarity_batch(labels, dist, n, temperature)
+    np.testing.assert_allclose(p_fast, fast, rtol=1e-9, atol=1e-12)
     want, who = fusion.fuse_batch(p_head, fast)
     np.testing.assert_allclose(probs, want, rtol=1e-9, atol=1e-12)
     assert [("slow", "agree", "fast")[d] for d in decided] == who

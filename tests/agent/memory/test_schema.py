@@ -172,3 +172,37 @@ def test_memory_state_round_trip_keeps_the_schema_and_old_state_rebuilds_it():
                                                "schema_means": arrays["schema_means"]})
     with pytest.raises(MemoryStateError, match="schema state has counts"):
         EpisodicMemory.from_state(mem.config, {**arrays, "schema_means": arrays["schema_means"][:, :2]})
+
+
+def test_distance_matches_the_obvious_mahalanobis():
+    rng = np.random.default_rng(5)
+    s = SchemaReadout(dim=4)
+    X = rng.standard_normal((60, 4))
+    y = rng.integers(0, 3, 60)
+    for x, c in zip(X, y, strict=True):
+        s.observe(x + 3 * c, int(c))
+    Q = rng.standard_normal((7, 4)) * 4
+    s.refresh()
+    seen = np.flatnonzero(s.counts_ > 0)
+    dof = s.counts_.sum() - len(seen)
+    want = np.array([min(dof * (q - s.means_[c]) @ s.precision_ @ (q - s.means_[c])
+                         for c in seen) for q in Q]) / 4
+    np.testing.assert_allclose(s.distance(Q), want, rtol=1e-9, atol=1e-9)
+    assert np.isinf(SchemaReadout(dim=4).distance(Q)).all()
+
+
+def test_leave_one_out_distance_is_the_distance_to_the_mean_of_the_others():
+    rng = np.random.default_rng(6)
+    s = SchemaReadout(dim=3)
+    X = rng.standard_normal((12, 3))
+    y = np.array([0] * 5 + [1] * 6 + [2])
+    for x, c in zip(X, y, strict=True):
+        s.observe(x + 2 * c, int(c))
+    s.refresh()
+    seen, d2 = s.class_distances(X + 2 * y[:, None], leave_out=y)
+    dof = s.counts_.sum() - len(seen)
+    for i in range(5):                      # class 0: the mean of the other four
+        mu = np.delete(X[:5], i, axis=0).mean(axis=0)
+        want = dof * (X[i] - mu) @ s.precision_ @ (X[i] - mu) / 3
+        assert d2[i, 0] == pytest.approx(want, rel=1e-9)
+    assert np.isinf(d2[11, 2])              # a class of one has no mean without it
