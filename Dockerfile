@@ -18,7 +18,7 @@ COPY export ./export
 COPY firmware_sim ./firmware_sim
 COPY .ci/install-runtime.sh ./.ci/install-runtime.sh
 # HNSWLIB_NO_NATIVE=1 is set by the script; the numba cache is warmed into the image.
-ENV NUMBA_CACHE_DIR=/var/cache/reverie/numba
+ENV NUMBA_CACHE_DIR=/opt/reverie/numba-cache
 RUN bash .ci/install-runtime.sh /opt/reverie /src
 
 FROM ${PYTHON_IMAGE}
@@ -29,11 +29,13 @@ RUN apt-get update \
  && mkdir -p /run/reverie /models /var/lib/reverie/state \
  && chown reverie:reverie /run/reverie /var/lib/reverie/state \
  && chmod 0700 /var/lib/reverie/state
+# The numba kernel cache (in /opt/reverie, owned by root) is read-only for the runtime
+# user: a write there would be code execution at the next start. The daemon works on a
+# private copy per run (agent/numba_cache.py).
 COPY --from=build /opt/reverie /opt/reverie
-COPY --from=build --chown=reverie:reverie /var/cache/reverie/numba /var/cache/reverie/numba
 ENV PATH=/opt/reverie/bin:$PATH \
     HNSWLIB_NO_NATIVE=1 \
-    NUMBA_CACHE_DIR=/var/cache/reverie/numba \
+    NUMBA_CACHE_DIR=/opt/reverie/numba-cache \
     PYTHONUNBUFFERED=1 \
     REVERIE_BUNDLE=/models/bundle \
     REVERIE_HEALTH_FILE=/run/reverie/health.json \

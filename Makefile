@@ -12,7 +12,7 @@ export HNSWLIB_NO_NATIVE := 1
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-slow lint install-dev install-demo clean
+.PHONY: demo test test-slow mutation lint install-dev install-demo clean
 
 demo: $(VENV)/.stamp-demo
 	$(BIN)/reverie demo $(ARGS)
@@ -22,6 +22,12 @@ test: lint
 
 test-slow: $(VENV)/.stamp-dev
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+# Mutation testing of agent/ (not part of `make test`; docs/mutation.md): each module in
+# its own copy of the tree against the tests mapped to it in tests/mutation.py.
+# make mutation MUTATE="agent/protocol.py agent/scheduler.py"
+mutation: $(VENV)/.stamp-dev
+	$(BIN)/python -m tests.mutation $(MUTATE)
 
 lint: $(VENV)/.stamp-dev
 	$(BIN)/ruff check agent export firmware_sim tests

@@ -22,8 +22,12 @@ export NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-$PREFIX/numba-cache}
 "$PYTHON" -m venv "$PREFIX"
 "$PREFIX/bin/python" -m pip install --quiet "$SRC"
 
-# Compile numba kernels once, into the cache the runtime will read.
+# Compile numba kernels once, into the cache the runtime will read. The cache belongs to
+# the installing user (root) and is only readable by the service user: numba's cache is
+# pickled code, so a cache the service could write would run its writes at the next start.
+# The daemon copies a read-only cache to a private directory per run (agent/numba_cache.py).
 "$PREFIX/bin/python" -m agent.warmup
+chmod -R go-w "$NUMBA_CACHE_DIR" && chmod -R a+rX "$NUMBA_CACHE_DIR"
 
 # The runtime must work without torch, and must not even try to import it.
 "$PREFIX/bin/python" - <<'PY'

@@ -25,8 +25,8 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,11 +79,25 @@ class Bundle:
     bundle_id: str  # first 12 hex digits of the manifest's sha256
     manifest_sha256: str = ""
     signed_by: str | None = None  # key id whose signature verified; None when not checked
+    # The bytes of every listed file as read and hashed by `load_bundle`: the runtime builds
+    # its sessions and arrays from these, never from a second read of the file (which could
+    # have been swapped since).
+    blobs: Mapping[str, bytes] = field(default_factory=dict, repr=False, compare=False)
 
     def file(self, name: str) -> Path:
+        """The path of a listed file (for tools; the runtime reads `data`)."""
         if name not in self.manifest["files"]:
             raise BundleError(f"{self.path}: bundle has no file {name!r}")
         return self.path / name
+
+    def data(self, name: str) -> bytes:
+        """The verified bytes of a listed file (read and hashed once, at load)."""
+        self.file(name)
+        try:
+            return self.blobs[name]
+        except KeyError:
+            raise BundleError(f"{self.path}: {name!r} was not loaded with the bundle "
+                              "(use load_bundle)") from None
 
 
 def _require(cond: bool, path: Path, what: str) -> None:
@@ -131,6 +145,9 @@ def load_bundle(path: str | Path, *,
         keys = signing.load_public_keys(public_keys)
     path = Path(path)
     mpath = path / MANIFEST
+    if not path.exists():
+        raise BundleError(f"{path}: does not exist (expected a bundle directory from "
+                          "`reverie export train`)")
     if not path.is_dir():
         raise BundleError(f"{path}: not a bundle directory")
     if not mpath.is_file():
@@ -164,14 +181,16 @@ def load_bundle(path: str | Path, *,
         _require(isinstance(meta, dict) and isinstance(meta.get("sha256"), str), path,
                  f"files[{name!r}] lacks a sha256")
     _check_unlisted(path, files, strict=bool(keys))
+    blobs: dict[str, bytes] = {}
     for name, meta in files.items():
         fpath = path / name
         if not fpath.is_file():
             raise BundleError(f"{path}: file {name!r} listed in the manifest is missing")
         try:
-            digest = sha256_file(fpath)
+            blobs[name] = fpath.read_bytes()
         except OSError as exc:
             raise BundleError(f"{fpath}: cannot read ({exc.strerror or exc})") from None
+        digest = hashlib.sha256(blobs[name]).hexdigest()
         if digest != meta["sha256"]:
             raise BundleError(
                 f"{fpath}: sha256 mismatch (manifest {meta['sha256'][:12]}..., file {digest[:12]}...):"
@@ -186,7 +205,7 @@ def load_bundle(path: str | Path, *,
              f"classes={classes!r}, expected >= 2 distinct non-empty strings")
     manifest_sha256 = hashlib.sha256(raw).hexdigest()
     return Bundle(path, manifest, spec, tuple(classes), manifest_sha256[:12], manifest_sha256,
-                  signed_by)
+                  signed_by, blobs)
 
 
 def unlisted_files(path: Path, files: dict[str, Any]) -> list[str]:

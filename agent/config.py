@@ -109,6 +109,10 @@ class IngestConfig:
     max_devices: int = 1000
     history_windows: int = 1024        # recent windows kept per device so labels can refer to them
     label_wait_s: float = 5.0          # a label for a window not yet seen waits this long
+    value_range_k: float = 1000.0      # a sample value beyond mean +- k*std (the bundle's training statistics) is refused
+    max_abs_value: float = 1e6         # |value| above this is refused (also without training statistics)
+    max_queue_bytes: int = 64 << 20    # payload bytes queued for the worker (frames + labels/commands)
+    loop_budget_s: float = 0.5         # the worker's control messages stop for frames after this long per loop
 
     def __post_init__(self) -> None:
         if self.hop is not None:
@@ -118,6 +122,10 @@ class IngestConfig:
             _count(f"ingest.{name}", getattr(self, name))
         _count("ingest.reorder_frames", self.reorder_frames, 0)
         _seconds(self, "label_wait_s", "ingest.label_wait_s", zero_ok=True)
+        _seconds(self, "value_range_k", "ingest.value_range_k")
+        _seconds(self, "max_abs_value", "ingest.max_abs_value")
+        _count("ingest.max_queue_bytes", self.max_queue_bytes, self.max_payload_bytes)
+        _seconds(self, "loop_budget_s", "ingest.loop_budget_s")
 
 
 @dataclass(frozen=True)
@@ -171,6 +179,9 @@ class AgentConfig:
     commands_from: str = "any"         # state-changing commands: "any" served device's cmd topic, or only the "agent"'s own
     commands_key_file: Path | None = None  # HMAC-SHA256 key: state-changing commands must be signed
     commands_max_age_s: float = 300.0  # a signed command's "ts" may be this old (or this far ahead)
+    max_learners: int = 64             # gateway, learner = "per_device": learners (state dirs) at most
+    learner_devices: tuple[str, ...] = ()  # gateway, per_device: only these devices get a learner (empty: any)
+    allow_bundle_rollback: bool = False    # accept a bundle older than the newest this state dir ran
 
     def __post_init__(self) -> None:
         for name in ("bundle", "state_dir", "health_file", "commands_key_file"):
@@ -199,6 +210,17 @@ class AgentConfig:
         _need(self.commands_from in ("any", "agent"), "commands.from", self.commands_from,
               "'any' (every served device's cmd topic) or 'agent' (only the agent's own)")
         _seconds(self, "commands_max_age_s", "commands.max_age_s")
+        _count("agent.max_learners", self.max_learners)
+        devices = self.learner_devices
+        devices = (devices,) if isinstance(devices, str) else tuple(devices)
+        object.__setattr__(self, "learner_devices", devices)
+        for d in devices:
+            try:
+                validate_device_id(d)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"agent.learner_devices: {d!r}: {exc}") from None
+        _need(isinstance(self.allow_bundle_rollback, bool), "agent.allow_bundle_rollback",
+              self.allow_bundle_rollback, "true or false")
         _seconds(self, "health_interval_s", "health.interval_s")
         if self.metrics_listen is not None:
             try:

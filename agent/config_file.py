@@ -10,6 +10,10 @@ place, and an error can say where the bad value came from: ``ingest.queue_size=0
 
 Secrets: ``broker.password_file`` is read at load time so the password need not sit in the
 file; `render_config` masks it.
+
+Placeholders: a string value written ``"<LIKE THIS>"`` in a file (`reverie config example`
+writes them where only the operator knows the value) is refused by `load_config` with one
+line naming every such key, unless the environment or a flag sets that key.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ _OS, _OP = _Key("str", True), _Key("path", True)
 KEYS: dict[str, _Key] = {
     "agent.bundle": _OP, "agent.device_id": _OS, "agent.prefix": _S, "agent.agent_id": _OS,
     "agent.state_dir": _OP, "agent.public_keys": _Key("paths"), "agent.threads": _I,
-    "agent.learner": _S,
+    "agent.learner": _S, "agent.max_learners": _I, "agent.learner_devices": _Key("strs"),
+    "agent.allow_bundle_rollback": _B,
     "broker.url": _S, "broker.protocol": _S, "broker.client_id": _OS, "broker.keepalive_s": _I,
     "broker.session_expiry_s": _I, "broker.username": _OS, "broker.password": _OS,
     "broker.password_file": _OP, "broker.ca_file": _OP, "broker.cert_file": _OP,
@@ -48,7 +53,8 @@ KEYS: dict[str, _Key] = {
     "broker.reconnect_max_s": _F, "broker.outbox_max": _I,
     "ingest.hop": _Key("int", True), "ingest.queue_size": _I, "ingest.max_batch": _I,
     "ingest.max_payload_bytes": _I, "ingest.reorder_frames": _I, "ingest.max_devices": _I,
-    "ingest.history_windows": _I, "ingest.label_wait_s": _F,
+    "ingest.history_windows": _I, "ingest.label_wait_s": _F, "ingest.value_range_k": _F,
+    "ingest.max_abs_value": _F, "ingest.max_queue_bytes": _I, "ingest.loop_budget_s": _F,
     "sleep.enabled": _B, "sleep.idle_after_s": _F, "sleep.idle_rate_hz": _F,
     "sleep.windows": _Key("strs"), "sleep.max_duration_s": _F, "sleep.budget_s": _F,
     "sleep.min_interval_s": _F, "sleep.min_new_episodes": _I,
@@ -82,6 +88,26 @@ _CREDENTIALS = ("broker.username", "broker.password", "broker.password_file")
 _EXPECTED = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
              "path": "a path (string)", "paths": "a list of paths or a comma-separated string",
              "strs": "a list of strings"}
+
+
+class Placeholder(str):
+    """A file value still holding the example's ``"<...>"`` text."""
+
+
+_PLACEHOLDER = re.compile(r"<[^<>\n]+>")
+# Where a placeholder may stand (never a password or a prefix, where "<x>" may be meant).
+PLACEHOLDER_KEYS = frozenset(
+    [k for k, v in KEYS.items() if v.kind in ("path", "paths")]
+    + ["broker.url", "agent.device_id", "agent.agent_id", "broker.client_id"])
+
+
+def is_placeholder(value: object) -> bool:
+    """``"<BUNDLE_DIR>"``-style values (a whole string in angle brackets).
+
+    >>> is_placeholder("<BUNDLE_DIR>"), is_placeholder("bundle/")
+    (True, False)
+    """
+    return isinstance(value, str) and _PLACEHOLDER.fullmatch(value.strip()) is not None
 
 
 def _split(text: str) -> list[str]:
@@ -185,6 +211,10 @@ def _read_file(path: Path) -> dict[str, object]:
                 elsewhere = [k for k in KEYS if k.endswith(f".{name}")]
                 hint = f" (did you mean {elsewhere[0]}?)" if elsewhere else suggest(key, list(KEYS))
                 raise ConfigError(f"unknown key {key} in {path}{hint}")
+            if key in PLACEHOLDER_KEYS and (is_placeholder(value) or (
+                    isinstance(value, list) and any(is_placeholder(v) for v in value))):
+                flat[key] = Placeholder(value if isinstance(value, str) else value[0])
+                continue
             try:
                 flat[key] = _typed(key, value, base)
             except ConfigError as exc:
@@ -241,6 +271,12 @@ def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None
             raise ConfigError(f"unknown setting {key!r}{suggest(key, list(KEYS))}")
         if value is not None:
             values[key], origin[key] = _typed(key, value, None), (3, "from the command line")
+    held = [f"{key}={str(v)!r}" for key, v in values.items() if isinstance(v, Placeholder)]
+    if held:
+        where = origin[next(k for k, v in values.items() if isinstance(v, Placeholder))][1]
+        raise ConfigError(f"placeholder value(s) from `reverie config example` {where}: "
+                          f"{', '.join(held)}: replace each with a real value (or set it by "
+                          "flag or REVERIE_* variable)")
     for key, what in (("agent.bundle", "no bundle: pass --bundle DIR, set REVERIE_BUNDLE"),
                       ("agent.device_id", "no device id: pass --device-id ID (or '+' for "
                        "every device), set REVERIE_DEVICE_ID")):

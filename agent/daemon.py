@@ -34,32 +34,38 @@ from pathlib import Path
 
 import numpy as np
 
+from agent import numba_cache, startup  # noqa: F401 - numba_cache first: a private kernel cache
 from agent.bundle import Bundle, load_bundle
+from agent.commands import MAX_COMMAND_BYTES, CommandAuth, Commands
 from agent.config import AgentConfig
-from agent.daemon_mqtt import _WAKE, MqttCallbacks
+from agent.daemon_mqtt import _WAKE, PACKET_OVERHEAD, ByteBudget, ConnectionReport, MqttCallbacks
 from agent.errors import ConfigError, ReverieError
-from agent.history import WindowHistory, write_snapshot
+from agent.history import WindowHistory
+from agent.history_store import HistoryStore
 from agent.inference import Classifier, Encoder
 from agent.learner import Learner, LearnerConfig
+from agent.learners import Learners
 from agent.metrics import MetricsServer, Registry, daemon_metrics
 from agent.mqtt import connect_properties, make_client
 from agent.outbox import Outbox
+from agent.persist.nonces import NonceStore
 from agent.protocol import encode_event, encode_status
 from agent.scheduler import SleepScheduler
 from agent.sdnotify import SystemdNotifier
 from agent.sleeper import Sleeper
 from agent.status import StatusMixin, check_health  # noqa: F401 - check_health: public here
 from agent.topics import INBOUND, WILDCARD_DEVICE, Topics
+from agent.value_range import ValueRange
 from agent.windowing import DeviceWindows
 from agent.worker import Inbound, Worker
 
 log = logging.getLogger("reverie.daemon")
 RECEIVE_MAXIMUM = 64          # QoS 1 labels/commands in flight to us (MQTT 5)
 STATUS_INTERVAL_S = 30.0
-HISTORY_FILE = "windows.npz"
 IDLE_WAIT_S = 0.25            # the worker's longest sleep with nothing to do (scheduler polls)
 CRASH_ID_GAP = 1_000_000      # window ids skipped after an unclean stop (see Daemon.__init__)
 HISTORY_SAVE_S = 10.0         # the window history is saved this often when it changed
+NONCE_FILE = "command_nonces"  # signed commands' nonces (agent/persist/nonces.py)
 CONTROL_PER_LOOP = 32         # labels/commands handled per worker iteration (frames go on)
 
 
@@ -72,22 +78,35 @@ class Daemon(StatusMixin, MqttCallbacks):
                      self.bundle.signed_by)
         self.registry = Registry()
         self.metrics = daemon_metrics(self.registry)
-        fresh = config.state_dir is None or not config.state_dir.is_dir() \
-            or not any(config.state_dir.iterdir())      # before the learners write there
+        fresh = config.state_dir is None or not config.state_dir.is_dir() or not any(
+            p.name not in startup.OWN_FILES for p in config.state_dir.iterdir())  # before the learners write
+        if config.state_dir is not None:
+            startup.prepare_state_root(config.state_dir)
+            startup.check_rollback(config.state_dir, self.bundle,
+                                   allow=config.allow_bundle_rollback)
+        self.client_id = startup.client_id(config)
         # A split bundle (encoder.onnx + head.npz) gets the full learner; an older
         # whole-model bundle only predicts.
         self.encoder: Encoder | None = None
         self.classifier: Classifier | None = None
-        self._shared: Learner | None = None
-        self._per_device: dict[str, Learner] = {}
-        self._learner_cfg = LearnerConfig(threads=config.threads)
+        self.pool: Learners | None = None
+        # durable=False: the worker fsyncs once per label message (group commit), not once
+        # per window, before it acknowledges the label (agent/worker.py).
+        self._learner_cfg = LearnerConfig(threads=config.threads, durable=False)
         if "encoder" in self.bundle.manifest:
             self.encoder = Encoder(self.bundle, threads=config.threads)
-            if config.learner_mode == "shared" or config.device_id != WILDCARD_DEVICE:
-                self._shared = Learner(self.bundle, self._learner_cfg,
-                                       state_dir=config.state_dir, encoder=self.encoder)
+            per_device = config.learner_mode == "per_device" and config.device_id == WILDCARD_DEVICE
+            self.pool = Learners(
+                lambda state: Learner(self.bundle, self._learner_cfg, state_dir=state,
+                                      encoder=self.encoder),
+                per_device=per_device, state_dir=config.state_dir, owner=config.status_owner,
+                max_learners=config.max_learners, allowed=config.learner_devices,
+                on_new=self.status_changed)
         else:
             self.classifier = Classifier(self.bundle, threads=config.threads)
+        self.value_range = ValueRange.from_manifest(
+            self.bundle.manifest, self.bundle.input.n_channels,
+            k=config.ingest.value_range_k, max_abs=config.ingest.max_abs_value)
         spec = self.bundle.input
         ing = config.ingest
         self.windows = DeviceWindows(spec.n_channels, spec.window_samples,
@@ -95,13 +114,16 @@ class Daemon(StatusMixin, MqttCallbacks):
                                      max_devices=ing.max_devices,
                                      reorder_frames=ing.reorder_frames)
         dim = self.encoder.latent_dim if self.encoder is not None else 1
-        self._history_path = (config.state_dir / HISTORY_FILE) if config.state_dir else None
-        self.history = (WindowHistory.load(self._history_path, self.bundle.bundle_id,
-                                           ing.history_windows, dim)
-                        if self._history_path else WindowHistory(ing.history_windows, dim))
+        # The window history is kept incrementally (agent/history_store.py) when there is
+        # a state directory and something to learn.
+        self.history_store = (HistoryStore(config.state_dir, self.bundle.bundle_id)
+                              if config.state_dir and self.encoder is not None else None)
+        self.history = (self.history_store.load(ing.history_windows, dim)
+                        if self.history_store else WindowHistory(ing.history_windows, dim))
         # Window ids never repeat across restarts: labels name windows by id. After a crash
         # the ids handed out since the last history save are unknown, so skip past them.
-        crashed = not fresh and not (self.history.clean and self._history_path.exists())
+        crashed = not fresh and not (self.history.clean and self.history_store is not None
+                                     and self.history_store.snapshot_path.exists())
         gap = CRASH_ID_GAP if crashed else 0
         if crashed:
             log.warning("the last run did not stop cleanly: window ids continue %d higher "
@@ -109,15 +131,29 @@ class Daemon(StatusMixin, MqttCallbacks):
         self.windows.default_start = gap
         for device in self.history.devices():
             self.windows.set_start_index(device, self.history.last_index(device) + 1 + gap)
+        if self.history_store is not None:
+            try:
+                self.history_store.mark_open()
+            except (ReverieError, OSError) as exc:
+                log.warning("cannot mark the window history open: %s", exc)
+            self.history.journal = []
         self.topics = config.topics
         self.command_key = _read_key(config.commands_key_file)
         self.own_topics = Topics(config.status_owner, config.prefix)
+        for line in startup.insecure_defaults(config, self.bundle,
+                                              command_key=self.command_key is not None):
+            log.warning("insecure: %s", line)
+        if self.command_key is not None and config.state_dir is None:
+            log.warning("insecure: commands.key_file without agent.state_dir: command nonces "
+                        "are kept in memory only, so a signed command can be replayed after "
+                        "a restart (within commands.max_age_s)")
         self.scheduler = SleepScheduler(config.sleep)
         self.sleeper = Sleeper(self)
         self.sleep_budget_override: float | None = None
         self.notifier = SystemdNotifier(env)
         self._frames: queue.Queue = queue.Queue(maxsize=ing.queue_size)
         self._control: deque[Inbound] = deque()
+        self.queued_bytes = ByteBudget(ing.max_queue_bytes)
         self._stop = threading.Event()
         self._closed = threading.Event()           # ingest closed: drop what still arrives
         self._connected = threading.Event()
@@ -127,9 +163,14 @@ class Daemon(StatusMixin, MqttCallbacks):
         self._lock = threading.Lock()
         self._status_dirty = threading.Event()
         self.worker = Worker(self)
+        self.commands = Commands(self, CommandAuth(
+            key=self.command_key, commands_from=config.commands_from,
+            own_cmd_topic=self.own_topics.cmd, agent=config.status_owner,
+            max_age_s=config.commands_max_age_s,
+            nonces=NonceStore(config.state_dir / NONCE_FILE if config.state_dir else None)))
         self._worker = threading.Thread(target=self._work, name="reverie-worker", daemon=True)
         persistent = config.broker.session_expiry_s > 0
-        self._client = make_client(config.broker.url, client_id=config.client_id,
+        self._client = make_client(config.broker.url, client_id=self.client_id,
                                    protocol=config.broker.protocol, clean_start=not persistent,
                                    tls=config.broker.tls, manual_ack=True)
         self._client.will_set(self.own_topics.status, encode_status(state="offline",
@@ -137,6 +178,11 @@ class Daemon(StatusMixin, MqttCallbacks):
         self._client.reconnect_delay_set(min_delay=config.broker.reconnect_min_s,
                                          max_delay=config.broker.reconnect_max_s)
         self._client.max_queued_messages_set(config.broker.outbox_max)
+        self.conn_report = ConnectionReport(config.broker.url, config.broker.protocol,
+                                            backoff_max_s=config.broker.reconnect_max_s)
+        self._connack = False
+        self._client.on_pre_connect = self._on_pre_connect
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -156,7 +202,6 @@ class Daemon(StatusMixin, MqttCallbacks):
         self._last_poll = 0.0
         self._last_watchdog = 0.0
         self._last_history_save = time.monotonic()
-        self._history_snapshot: dict | None = None
         self._stopping = False
         self._connects = 0
         self.started_at = time.time()
@@ -164,27 +209,12 @@ class Daemon(StatusMixin, MqttCallbacks):
     # ------------------------------------------------------------------ learners
 
     def learner_for(self, device: str) -> Learner | None:
-        """The learner serving `device` (None for a predict-only bundle)."""
-        if self.encoder is None:
-            return None
-        if self._shared is not None:
-            return self._shared
-        learner = self._per_device.get(device)
-        if learner is None:
-            if len(self._per_device) >= self.config.ingest.max_devices:
-                raise OverflowError(f"more than ingest.max_devices="
-                                    f"{self.config.ingest.max_devices} devices")
-            state = (self.config.state_dir / "devices" / device) if self.config.state_dir else None
-            learner = Learner(self.bundle, self._learner_cfg, state_dir=state,
-                              encoder=self.encoder)
-            self._per_device[device] = learner
-            self.status_changed()
-        return learner
+        """The learner learning for `device` (None for a predict-only bundle); raises
+        `NoLearner` when the device gets none (agent.max_learners, learner_devices)."""
+        return None if self.pool is None else self.pool.for_device(device)
 
     def learners(self) -> list[tuple[str, Learner]]:
-        if self._shared is not None:
-            return [(self.config.status_owner, self._shared)]
-        return list(self._per_device.items())
+        return [] if self.pool is None else self.pool.items()
 
     def classify(self, x: np.ndarray) -> list[tuple]:
         probs = self.classifier.predict_proba(x)
@@ -193,29 +223,38 @@ class Daemon(StatusMixin, MqttCallbacks):
                  dict(zip(classes, p.tolist(), strict=True)), {}) for p in probs]
 
     def checkpoint_all(self) -> dict[str, int | None]:
-        out = {device: learner.checkpoint() for device, learner in self.learners()}
+        out = {} if self.pool is None else self.pool.checkpoint()
         self._save_history()
         return out
 
     def _save_history(self, clean: bool = False) -> None:
-        if self._history_path is not None and self.encoder is not None:
-            try:
-                self.history.save(self._history_path, self.bundle.bundle_id, clean=clean)
-            except (OSError, ValueError, ReverieError) as exc:
-                log.warning("cannot save the window history: %s", exc)
+        """Write the window history's snapshot now (a snapshot command; ``clean``: the
+        final save of a clean stop). The worker thread, or the main one once the worker
+        has stopped."""
+        if self.history_store is None:
+            return
+        try:
+            self.history_store.hand_off(self.history, clean=clean, force_snapshot=True)
+            self.history_store.write()
+        except (OSError, ValueError, ReverieError) as exc:
+            log.warning("cannot save the window history: %s", exc)
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
         c = self.config.broker
         log.info("connecting to %s as %s (client id %s, bundle %s, classes %s)", c.url,
-                 self.own_topics.status, self.config.client_id, self.bundle.bundle_id,
+                 self.own_topics.status, self.client_id, self.bundle.bundle_id,
                  ",".join(self.bundle.classes))
         if self._metrics_server is not None:
             self._metrics_server.start()
             log.info("metrics on http://%s:%d/metrics", *self._metrics_server.address)
         self._worker.start()
-        props = connect_properties(c.protocol, c.session_expiry_s, RECEIVE_MAXIMUM)
+        # MQTT 5 Maximum Packet Size: the broker drops what we would refuse anyway instead
+        # of sending it (a 48 MiB frame never reaches this process).
+        props = connect_properties(
+            c.protocol, c.session_expiry_s, RECEIVE_MAXIMUM,
+            max(self.config.ingest.max_payload_bytes, MAX_COMMAND_BYTES) + PACKET_OVERHEAD)
         kw = {"clean_start": c.session_expiry_s <= 0, "properties": props} \
             if c.protocol == "5" else {}
         self._client.connect_async(c.url.host, c.url.port, keepalive=c.keepalive_s, **kw)
@@ -253,9 +292,11 @@ class Daemon(StatusMixin, MqttCallbacks):
         busy = self._worker.is_alive() or self.sleeper.sleeping
         if not self._worker.is_alive():
             self._save_history(clean=True)      # first: it is what keeps window ids unique
+            if self.history_store is not None:
+                self.history_store.close()
         try:
-            for _device, learner in self.learners():
-                learner.checkpoint()
+            if self.pool is not None:
+                self.pool.checkpoint(changed_only=True)
         except Exception:  # noqa: BLE001 - still publish offline and disconnect
             log.exception("final checkpoint failed")
         if self._connected.is_set():
@@ -267,9 +308,8 @@ class Daemon(StatusMixin, MqttCallbacks):
                 pass
         self._client.disconnect()
         self._client.loop_stop()
-        if not busy:       # a thread still inside a learner: leave the files to the OS
-            for _device, learner in self.learners():
-                learner.close()
+        if not busy and self.pool is not None:   # a thread inside a learner: leave it to the OS
+            self.pool.close()
         if self._metrics_server is not None:
             self._metrics_server.stop()
         self._write_health(force=True, state="stopped")
@@ -298,6 +338,9 @@ class Daemon(StatusMixin, MqttCallbacks):
     def _tick(self) -> None:
         """The main thread's periodic duties (every 0.25 s)."""
         now = time.monotonic()
+        if not self._connected.is_set() and (line := self.conn_report.silent(
+                self._client.socket() is not None)) is not None:
+            log.warning("%s", line)
         wd = self.notifier.watchdog_interval_s     # None: no systemd watchdog for us
         if wd is not None and now - self._last_watchdog >= wd \
                 and now - self.worker.last_beat < 10.0:   # only while the worker loops
@@ -315,17 +358,18 @@ class Daemon(StatusMixin, MqttCallbacks):
         self._write_history_snapshot()
         if now - self._last_ck >= self.config.checkpoint_interval_s:
             self._last_ck = now
-            for _device, learner in self.learners():
-                try:
-                    learner.checkpoint()
-                except Exception:  # noqa: BLE001 - keep serving; the WAL still holds it all
-                    log.exception("periodic checkpoint failed")
+            try:       # only learners whose state changed: an idle gateway writes nothing
+                if self.pool is not None:
+                    self.pool.checkpoint(changed_only=True)
+            except Exception:  # noqa: BLE001 - keep serving; the WAL still holds it all
+                log.exception("periodic checkpoint failed")
 
     # ------------------------------------------------------------------ worker loop
 
     def _work(self) -> None:
         w = self.worker
         max_batch = self.config.ingest.max_batch
+        budget_s = self.config.ingest.loop_budget_s
         while not self._stop.is_set():
             w.last_beat = time.monotonic()
             batch: list[Inbound] = []
@@ -340,9 +384,17 @@ class Daemon(StatusMixin, MqttCallbacks):
                 except queue.Empty:
                     break
             batch = [b for b in batch if b is not _WAKE]
+            self.queued_bytes.release(sum(len(b.payload) for b in batch))
             self._guard(w.process_frames, batch)
-            for _ in range(min(len(self._control), CONTROL_PER_LOOP)):
+            # Labels and commands get at most ingest.loop_budget_s per loop (a label naming
+            # 1,024 windows is learned over several loops): frames keep flowing and the
+            # loop keeps beating for the watchdog.
+            w.budget_ends = time.monotonic() + budget_s
+            for i in range(min(len(self._control), CONTROL_PER_LOOP)):
+                if i and w.over_budget():        # at least one per loop: always progress
+                    break
                 item = self._control.popleft()
+                self.queued_bytes.release(len(item.payload))
                 if not self._guard(w.process_label if item.kind == "labels"
                                    else w.process_command, item):
                     # a bug, not the message's fault: report it and do not let the broker
@@ -366,20 +418,20 @@ class Daemon(StatusMixin, MqttCallbacks):
             return False
 
     def _save_history_if_due(self) -> None:
-        """Worker thread: copy the rings now and then; the main thread writes the copy
-        (a write + fsync would stall predictions for tens of ms)."""
+        """Worker thread: hand the new windows over now and then; the main thread appends
+        them to the history log (a write + fsync would stall predictions)."""
         now = time.monotonic()
-        if (self._history_path is not None and self.history.dirty
+        if (self.history_store is not None and self.history.dirty
                 and now - self._last_history_save >= HISTORY_SAVE_S):
             self._last_history_save = now
-            self._history_snapshot = self.history.snapshot(self.bundle.bundle_id)
+            self.history.dirty = False
+            self.history_store.hand_off(self.history)
 
     def _write_history_snapshot(self) -> None:
-        """Main thread: write the latest copy the worker took, if any."""
-        snap, self._history_snapshot = self._history_snapshot, None
-        if snap is not None:
+        """Main thread: append (and now and then compact) what the worker handed over."""
+        if self.history_store is not None:
             try:
-                write_snapshot(self._history_path, snap)
+                self.history_store.write()
             except (OSError, ReverieError) as exc:
                 log.warning("cannot save the window history: %s", exc)
 
@@ -426,8 +478,5 @@ def _read_key(path: Path | None) -> bytes | None:
 def run_daemon(config: AgentConfig) -> int:
     """`reverie run`: build the daemon from a validated config and serve until SIGTERM."""
     if config.state_dir is not None:
-        try:
-            config.state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"agent.state_dir={str(config.state_dir)!r}: {exc}") from None
+        startup.prepare_state_root(config.state_dir)      # 0700, parents too
     return Daemon(config).run_forever()

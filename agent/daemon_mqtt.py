@@ -1,18 +1,51 @@
 """The daemon's paho callbacks (network thread: they only enqueue and flip flags, never
-block) and its acknowledgements (a mixin of `Daemon`)."""
+block) and its acknowledgements (a mixin of `Daemon`), and `ConnectionReport`: what the
+log says while the broker cannot be reached."""
 
 from __future__ import annotations
 
 import logging
 import queue
 import socket
+import sys
+import threading
 import time
 
+from agent.commands import MAX_COMMAND_BYTES
+from agent.mqtt import protocol_hint
 from agent.worker import Inbound
 
 log = logging.getLogger("reverie.daemon")
 _WAKE = object()              # put in the frame queue to wake the worker for a label/command
 MAX_CONTROL = 4096            # queued labels/commands (QoS 1 ones are bounded by the broker)
+PACKET_OVERHEAD = 64 * 1024   # topic (at most 65,535 bytes) and properties around a payload
+
+
+class ByteBudget:
+    """Bytes of payload queued for the worker: the network thread takes, the worker
+    releases. `take` refuses beyond `max_bytes` (``force``: counts it anyway, for QoS 1
+    messages the broker's in-flight window already bounds).
+
+    >>> b = ByteBudget(10)
+    >>> b.take(8), b.take(4), b.take(2)
+    (True, False, True)
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int, *, force: bool = False) -> bool:
+        with self._lock:
+            if not force and self.used + n > self.max_bytes:
+                return False
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.used = max(0, self.used - n)
 
 
 def set_nodelay(client) -> None:
@@ -27,13 +60,95 @@ def set_nodelay(client) -> None:
         pass
 
 
+SILENCE_S = 3.0               # no answer at all from the broker this long: say so
+
+
+class ConnectionReport:
+    """One log line when the broker cannot be reached, then one per backoff step (after 2,
+    4, 8, ... failed attempts), not one per attempt; and one when it connects again.
+
+    >>> r = ConnectionReport("mqtt://127.0.0.1:1", "5", clock=lambda: 0.0)
+    >>> [r.failed("Connection refused") is not None for _ in range(5)]
+    [True, True, False, True, False]
+    """
+
+    def __init__(self, url: object, protocol: str, *, backoff_max_s: float = 1.5,
+                 clock=time.monotonic):
+        self.url, self.protocol, self.backoff_max_s = str(url), protocol, backoff_max_s
+        self._clock = clock
+        self.failures = 0
+        self.since: float = clock()          # start of the current outage (or of the run)
+        self._next_line = 1
+        self._silence_said = False
+
+    def failed(self, reason: str) -> str | None:
+        """Count a failed attempt; the line to log now, or None."""
+        self.failures += 1
+        if self.failures < self._next_line:
+            return None
+        self._next_line *= 2
+        took = self._clock() - self.since
+        if self.failures == 1:
+            return (f"cannot reach the broker at {self.url}: {reason}"
+                    f"{protocol_hint(self.protocol, reason)}; retrying with backoff up to "
+                    f"{self.backoff_max_s:g} s")
+        return (f"still cannot reach the broker at {self.url} after {self.failures} attempts "
+                f"in {took:.0f} s: {reason}{protocol_hint(self.protocol, reason)}; retrying at "
+                f"least every {self.backoff_max_s:g} s")
+
+    def silent(self, tcp_open: bool) -> str | None:
+        """No attempt finished yet (an unanswered connect): the line to log, once.
+        `tcp_open`: the TCP connection is up, only the CONNACK is missing."""
+        if self.failures or self._silence_said or self._clock() - self.since < SILENCE_S:
+            return None
+        self._silence_said = True
+        if tcp_open:
+            return (f"the broker at {self.url} accepted the TCP connection but sent no "
+                    f"CONNACK within {SILENCE_S:g} s"
+                    f"{protocol_hint(self.protocol, 'no reply before CONNACK')}; still waiting")
+        return (f"no answer from the broker at {self.url} within {SILENCE_S:g} s; still "
+                "trying (is the host reachable, the port right?)")
+
+    def connected(self) -> str | None:
+        """The outage is over: a line if there was one; the next outage starts afresh."""
+        line = None
+        if self.failures:
+            line = (f"reached the broker at {self.url} after {self.failures} failed "
+                    f"attempt(s) in {self._clock() - self.since:.1f} s")
+        self.failures, self._next_line, self._silence_said = 0, 1, True
+        return line
+
+    def lost(self) -> None:
+        """Connected until now: the next failures start a new outage."""
+        self.since, self.failures, self._next_line = self._clock(), 0, 1
+        self._silence_said = False
+
+
 class MqttCallbacks:
     """Needs the Daemon's topics, metrics, queues, events, outbox and client."""
 
+    def _on_pre_connect(self, _client, _userdata) -> None:
+        self._connack = False             # per attempt: did this one get a CONNACK?
+
+    def _on_connect_fail(self, _client, _userdata) -> None:
+        """A TCP/TLS connect failed (paho calls this inside its ``except OSError``)."""
+        exc = sys.exc_info()[1]
+        reason = (f"{exc.strerror or exc}" if isinstance(exc, OSError) else "connection failed")
+        self._connection_failed(reason)
+
+    def _connection_failed(self, reason: str) -> None:
+        line = self.conn_report.failed(reason)
+        if line is not None:
+            log.warning("%s", line)
+
     def _on_connect(self, client, _userdata, flags, reason_code, _props) -> None:
+        self._connack = True
         if reason_code.is_failure:
-            log.warning("connection refused by broker: %s", reason_code)
+            self._connection_failed(f"the broker refused the connection: {reason_code}")
             return
+        line = self.conn_report.connected()
+        if line is not None:
+            log.info("%s", line)
         with self._lock:
             self._gen += 1
         set_nodelay(client)
@@ -43,6 +158,7 @@ class MqttCallbacks:
         t = self.topics
         _rc, self._sub_mid = client.subscribe([(t.frames, 0), (t.labels, 1), (t.cmd, 1)])
         self._connected.set()
+        self._last_health = 0.0       # the next tick rewrites the health file: "connected" at once
         self.metrics.connected.set(1)
         self.outbox.set_online()
         self._status_dirty.set()      # the main loop publishes "online" and flushes
@@ -59,12 +175,20 @@ class MqttCallbacks:
         self._subscribed.set()
 
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
+        was_connected = self._connected.is_set()
         self._connected.clear()
         self._subscribed.clear()
         self.metrics.connected.set(0)
         self.outbox.set_offline()
-        if not self._stop.is_set():
-            log.warning("disconnected (%s); reconnecting", reason_code)
+        if self._stop.is_set():
+            return
+        if was_connected:
+            self.conn_report.lost()
+            log.warning("disconnected from %s (%s); reconnecting", self.config.broker.url,
+                        reason_code)
+        elif not getattr(self, "_connack", True):
+            self._connection_failed(f"the broker closed the connection before CONNACK "
+                                    f"({reason_code})")
 
     def _on_message(self, _client, _userdata, msg) -> None:
         try:
@@ -79,19 +203,34 @@ class MqttCallbacks:
             counter.inc()
         if self._closed.is_set():           # shutting down: a label stays unacked, redelivered
             return
-        item = Inbound(kind, device, msg.topic, msg.payload, time.monotonic(), msg.mid,
-                       msg.qos, self._gen, getattr(msg, "properties", None))
+        # Sizes are checked before anything is queued: an oversized payload is not kept
+        # (the worker reports it from its size), and the queues are bounded in bytes.
+        payload = msg.payload
+        size = len(payload)
+        if size > (MAX_COMMAND_BYTES if kind == "cmd" else self.config.ingest.max_payload_bytes):
+            payload = b""
+        item = Inbound(kind, device, msg.topic, payload, time.monotonic(), msg.mid,
+                       msg.qos, self._gen, getattr(msg, "properties", None), size=size)
         if kind == "frames":
+            if not self.queued_bytes.take(len(payload)):
+                self._queue_full.inc()
+                return
             try:
                 self._frames.put_nowait(item)
             except queue.Full:
+                self.queued_bytes.release(len(payload))
                 self._queue_full.inc()
                 self.ack_now(msg.mid, msg.qos)
                 return
         elif kind in ("labels", "cmd"):
-            if msg.qos == 0 and len(self._control) >= MAX_CONTROL:
+            # QoS 1 ones are bounded by the broker's in-flight window (Receive Maximum),
+            # QoS 0 ones by count and bytes here.
+            if msg.qos == 0 and (len(self._control) >= MAX_CONTROL
+                                 or not self.queued_bytes.take(len(payload))):
                 self.metrics.dropped.inc(reason="control_queue_full")
                 return
+            if msg.qos != 0:
+                self.queued_bytes.take(len(payload), force=True)
             self._control.append(item)
             try:                             # wake the worker (full: it is busy anyway)
                 self._frames.put_nowait(_WAKE)

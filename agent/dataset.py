@@ -17,6 +17,13 @@ key                meaning
 Labels are normalised to integer indices into ``classes`` (strings). A file that breaks
 the format raises DatasetError whose one-line message names the key, shape or dtype.
 
+Layout. ``(N, C, T)`` and ``(N, T, C)`` cannot be told apart from the array alone. When
+something else says how many channels there are -- the ``channels`` key, or the input
+shape of the bundle the data is for (``load_dataset(..., input_shape=(C, T))``) -- a
+transposed ``X`` is an error that says so and how to fix it. Otherwise a file with more
+"channels" than samples per window is suspicious: `load_dataset` logs the layout it
+assumed (``reverie.dataset`` warning), so a transposed file does not pass silently.
+
 `read_npz` reads the zip itself rather than through ``np.load``: each member's ``.npy``
 header is checked against the bytes the member really holds *before* anything is
 allocated, so a header declaring a terabyte (or a member that is no array at all, or an
@@ -26,6 +33,7 @@ It is shared with the other NPZ readers (bundle exemplars) through its ``error``
 
 from __future__ import annotations
 
+import logging
 import math
 import zipfile
 import zlib
@@ -36,6 +44,7 @@ import numpy as np
 
 from agent.errors import DatasetError, ReverieError
 
+log = logging.getLogger("reverie.dataset")
 KNOWN_KEYS = {"X", "y", "X_test", "y_test", "classes", "channels", "sample_rate_hz"}
 MAX_NPZ_BYTES = 4 * 2**30     # uncompressed array bytes read from one file (a zip bomb stops here)
 MAX_CLASSES = 100_000         # integer labels without ``classes`` name at most this many
@@ -197,8 +206,40 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def load_dataset(path: str | Path, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    """Load and validate an NPZ dataset; raise DatasetError with a one-line reason."""
+def _check_layout(path: Path, X: np.ndarray, channels: tuple[str, ...] | None,
+                  input_shape: tuple[int, ...] | None) -> None:
+    """(N, C, T) or (N, T, C)? See "Layout" in the module docstring."""
+    shape = tuple(int(d) for d in X.shape[1:])
+    fix = "transpose it: np.savez(..., X=X.transpose(0, 2, 1), ...)"
+    if X.ndim == 3 and channels is not None and len(channels) != shape[0]:
+        if len(channels) == shape[1]:
+            raise DatasetError(f"{path}: {len(channels)} channel names but X is (N, {shape[0]}, "
+                               f"{shape[1]}): X looks like (N, T, C); {fix}")
+        raise DatasetError(f"channels: {len(channels)} names but X has {shape[0]} channels "
+                           "(axis 1)")
+    if input_shape is not None:
+        want = tuple(int(d) for d in input_shape)
+        if shape == want:
+            return
+        if X.ndim == 3 and shape == want[::-1]:
+            raise DatasetError(f"{path}: X is (N, {shape[0]}, {shape[1]}) but the bundle takes "
+                               f"windows of (C, T) = {want}: X looks like (N, T, C); {fix}")
+        raise DatasetError(f"{path}: X has windows of shape {shape}, the bundle takes {want} "
+                           "(channels x samples): a dataset for another model?")
+    if X.ndim == 3 and channels is None and shape[0] > shape[1]:
+        log.warning("%s: X is (N, %d, %d): taken as (N, C, T), %d channels of %d samples; if "
+                    "it is (N, T, C), %s (or add a 'channels' key to say which)", path,
+                    shape[0], shape[1], shape[0], shape[1], fix)
+
+
+def load_dataset(path: str | Path, *, test_fraction: float = 0.2, seed: int = 0,
+                 input_shape: tuple[int, ...] | None = None) -> Dataset:
+    """Load and validate an NPZ dataset; raise DatasetError with a one-line reason.
+
+    `input_shape`: the ``(C, T)`` (or ``(F,)``) the data is for, e.g. a bundle's
+    ``bundle.input.shape``: windows of another shape are an error naming both, and a
+    transposed ``(N, T, C)`` file says so.
+    """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
@@ -232,9 +273,10 @@ def load_dataset(path: str | Path, *, test_fraction: float = 0.2, seed: int = 0)
     channels = None
     if "channels" in arrays:
         channels = _as_strings(arrays["channels"], "channels")
-        n_ch = X.shape[1]
-        if len(channels) != n_ch:
-            raise DatasetError(f"channels: {len(channels)} names but X has {n_ch} channels (axis 1)")
+        if X.ndim == 2 and len(channels) != X.shape[1]:
+            raise DatasetError(f"channels: {len(channels)} names but X has {X.shape[1]} "
+                               "features (axis 1)")
+    _check_layout(path, X, channels, input_shape)
     rate = None
     if "sample_rate_hz" in arrays:
         r = arrays["sample_rate_hz"]

@@ -19,6 +19,7 @@ added layer by layer later.
 
 from __future__ import annotations
 
+import io
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -81,12 +82,21 @@ class Head:
         return self.weights[-1].shape[0]
 
     @classmethod
-    def from_npz(cls, path: str | Path, manifest: Mapping[str, Any]) -> Head:
-        """Load ``head.npz`` and check it against the manifest (activation, latent_dim,
-        number of classes)."""
-        path = Path(path)
+    def from_bundle(cls, bundle) -> Head:
+        """The bundle's head, built from the bytes `load_bundle` hashed (`Bundle.data`)."""
+        return cls.from_npz(bundle.data("head.npz"), bundle.manifest,
+                            name=bundle.file("head.npz"))
+
+    @classmethod
+    def from_npz(cls, path: str | Path | bytes, manifest: Mapping[str, Any], *,
+                 name: str | Path | None = None) -> Head:
+        """Load ``head.npz`` (a path, or its bytes) and check it against the manifest
+        (activation, latent_dim, number of classes)."""
+        source = io.BytesIO(path) if isinstance(path, bytes | bytearray) else Path(path)
+        path = Path(name) if name is not None else source if isinstance(source, Path) \
+            else Path("head.npz")
         try:
-            with np.load(path, allow_pickle=False) as npz:
+            with np.load(source, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
             raise BundleError(f"{path}: not a readable head file ({exc})") from None

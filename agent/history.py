@@ -55,6 +55,10 @@ class WindowHistory:
         self._rings: dict[str, _Ring] = {}
         self.clean = True      # loaded: the file was written by a clean shutdown
         self.dirty = False     # windows added since the last save
+        self.wal_seq = 0       # loaded: the last history log record the file contains
+        # A list: every `add` also appends a copy (device, ids, ts, latents) here, for
+        # agent.history_store to log incrementally; None: not journaled.
+        self.journal: list | None = None
 
     def __len__(self) -> int:
         return sum(int((r.index >= 0).sum()) for r in self._rings.values())
@@ -77,6 +81,9 @@ class WindowHistory:
         r.ts[slots] = ts
         r.head = int((r.head + n) % self.capacity)
         self.dirty = True
+        if self.journal is not None:
+            self.journal.append((device, np.array(index, np.int64), np.array(ts, np.float64),
+                                 np.array(latents, np.float32)))
 
     def last_index(self, device: str) -> int:
         """The newest window id held for `device`, -1 if none."""
@@ -158,6 +165,7 @@ class WindowHistory:
                     h.add(str(device), idx.astype(np.int64), ts.astype(np.float64),
                           lat.astype(np.float32))
                 h.clean = bool(z["clean"]) if "clean" in z.files else False
+                h.wal_seq = int(z["wal_seq"]) if "wal_seq" in z.files else 0
                 h.dirty = False
         except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as exc:
             log.warning("%s: unreadable window history ignored (%s); labels for windows "

@@ -15,8 +15,10 @@ from agent.bundle import Bundle
 from agent.errors import BundleError
 
 
-def make_session(model_path: Path, *, threads: int = 1):
-    """An onnxruntime CPU session: `threads` intra-op threads, no spinning, all graph optimizations."""
+def make_session(model: Path | bytes, *, threads: int = 1, name: str | None = None):
+    """An onnxruntime CPU session from a model file or its bytes (`Bundle.data`: the
+    bytes that were hashed): `threads` intra-op threads, no spinning, all graph
+    optimizations. `name` is used in errors for bytes."""
     import onnxruntime as ort
 
     if threads < 1:
@@ -30,9 +32,10 @@ def make_session(model_path: Path, *, threads: int = 1):
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        source = bytes(model) if isinstance(model, bytes | bytearray | memoryview) else str(model)
+        return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise BundleError(f"{model_path}: onnxruntime cannot load it ({exc})") from None
+        raise BundleError(f"{name or model}: onnxruntime cannot load it ({exc})") from None
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -50,7 +53,8 @@ class Classifier:
 
     def __init__(self, bundle: Bundle, *, threads: int = 1):
         self.bundle = bundle
-        self.session = make_session(bundle.file("model.onnx"), threads=threads)
+        self.session = make_session(bundle.data("model.onnx"), threads=threads,
+                                    name=bundle.file("model.onnx"))
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         self.input_name = inputs[0].name
         self.output_name = outputs[0].name
@@ -97,8 +101,8 @@ class Encoder:
             raise BundleError(f"{bundle.path}: latent_dim={latent_dim!r}, expected an int >= 1")
         self.bundle = bundle
         self.latent_dim = latent_dim
-        self.session = make_session(bundle.file(spec.get("file", "encoder.onnx")),
-                                    threads=threads)
+        name = spec.get("file", "encoder.onnx")
+        self.session = make_session(bundle.data(name), threads=threads, name=bundle.file(name))
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.encode(np.zeros((1, *bundle.input.shape), dtype=np.float32))  # warm up

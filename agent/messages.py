@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,8 +65,9 @@ class CommandMsg:
     budget_s: float | None = None
     to_version: int | None = None
     ts: float | None = None          # signed commands: when it was issued (epoch seconds)
-    sig: str | None = None           # hex HMAC-SHA256 of `signed_bytes`
-    signed_bytes: bytes = b""        # the canonical JSON the signature covers
+    sig: str | None = None           # hex HMAC-SHA256 of `signed_message(body, topic, agent)`
+    body: bytes = b""                # the canonical JSON of the command without "sig"
+    nonce: str | None = None         # signed commands: used once (the agent remembers it)
 
     @property
     def changes_state(self) -> bool:
@@ -73,20 +75,42 @@ class CommandMsg:
 
 
 STATE_CHANGING = ("sleep", "snapshot", "rollback")
+SIGNATURE_DOMAIN = b"reverie-command-v2"
+NONCE_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 
 
 def canonical_command(body: dict) -> bytes:
-    """What a command signature covers: the JSON object without "sig", keys sorted, no
-    spaces (``json.dumps(body, sort_keys=True, separators=(",", ":"))``)."""
+    """The JSON object without "sig", keys sorted, no spaces
+    (``json.dumps(body, sort_keys=True, separators=(",", ":"))``)."""
     return json.dumps({k: v for k, v in body.items() if k != "sig"}, sort_keys=True,
                       separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def sign_command(body: dict, key: bytes) -> dict:
-    """`body` with ``"sig"`` added (for operators' tools and tests)."""
-    import hmac
+def signed_message(canonical_body: bytes, *, topic: str, agent: str) -> bytes:
+    """What a command signature covers: a domain tag, the topic the command is published
+    on, the agent id it is meant for and the canonical body (which holds ``ts`` and
+    ``nonce``), joined by newlines. A copy published on another topic or to another agent
+    does not verify."""
+    return b"\n".join((SIGNATURE_DOMAIN, topic.encode(), agent.encode(), canonical_body))
 
-    return {**body, "sig": hmac.new(key, canonical_command(body), "sha256").hexdigest()}
+
+def sign_command(body: dict, key: bytes, *, topic: str, agent: str) -> dict:
+    """`body` with ``"sig"`` added (and ``"ts"``/``"nonce"`` when missing), for operators'
+    tools and tests.
+
+    >>> cmd = sign_command({"id": "c7", "cmd": "snapshot"}, b"k" * 32,
+    ...                    topic="reverie/v1/gateway/cmd", agent="gateway")
+    >>> sorted(cmd)
+    ['cmd', 'id', 'nonce', 'sig', 'ts']
+    """
+    import hmac
+    import secrets
+    import time
+
+    body = {"ts": time.time(), "nonce": secrets.token_hex(16), **body}
+    mac = hmac.new(key, signed_message(canonical_command(body), topic=topic, agent=agent),
+                   "sha256").hexdigest()
+    return {**body, "sig": mac}
 
 
 def _load(payload: bytes, what: str, max_bytes: int) -> dict:
@@ -164,7 +188,7 @@ def decode_label(payload: bytes, *, max_bytes: int) -> LabelMsg:
 def decode_command(payload: bytes, *, max_bytes: int = 4096) -> CommandMsg:
     """Decode a command message (see the module docstring)."""
     obj = _load(payload, "command", max_bytes)
-    unknown = sorted(set(obj) - {"id", "cmd", "budget_s", "to_version", "ts", "sig"})
+    unknown = sorted(set(obj) - {"id", "cmd", "budget_s", "to_version", "ts", "sig", "nonce"})
     if unknown:
         raise ProtocolError("unknown_field", f"command has unknown field(s) {unknown}")
     cmd = obj.get("cmd")
@@ -185,8 +209,12 @@ def decode_command(payload: bytes, *, max_bytes: int = 4096) -> CommandMsg:
                             or any(c not in "0123456789abcdef" for c in sig)):
         raise ProtocolError("bad_sig", "command sig: expected 64 lower-case hex digits "
                             "(HMAC-SHA256)")
+    nonce = obj.get("nonce")
+    if nonce is not None and (not isinstance(nonce, str) or not NONCE_RE.match(nonce)):
+        raise ProtocolError("bad_nonce", f"command nonce={str(nonce)[:80]!r}: expected 16-64 "
+                            "characters of [A-Za-z0-9_-]")
     return CommandMsg(mid, cmd, budget, to_version, ts, sig,
-                      canonical_command(obj) if sig is not None else b"")
+                      canonical_command(obj) if sig is not None else b"", nonce)
 
 
 def encode_reply(*, id: str, cmd: str, ok: bool, ts: float, **result: object) -> bytes:

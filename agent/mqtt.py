@@ -109,6 +109,23 @@ class TLSConfig:
         return ctx
 
 
+def protocol_hint(protocol: str, reason: str) -> str:
+    """The fix to suggest (with a leading space), or "", for a connection to a broker
+    speaking `protocol` that was refused or dropped before CONNACK for `reason`.
+
+    >>> protocol_hint("5", "closed the connection before CONNACK")[:40]
+    ' (a broker that only speaks MQTT 3.1.1 r'
+    """
+    low = reason.lower()
+    if protocol == "5" and ("protocol" in low or "before connack" in low):
+        return (" (a broker that only speaks MQTT 3.1.1 refuses, drops or ignores an MQTT 5 "
+                "client: try --protocol 3.1.1)")
+    if "not authorized" in low or "bad user name" in low or "password" in low:
+        return " (check broker.username and broker.password / password_file)"
+    return ""
+
+
+
 def make_client(url: BrokerURL, *, client_id: str | None = None, protocol: str = "5",
                 clean_start: bool = True, tls: TLSConfig | None = None,
                 manual_ack: bool = False):
@@ -139,10 +156,11 @@ def make_client(url: BrokerURL, *, client_id: str | None = None, protocol: str =
 
 
 def connect_properties(protocol: str, session_expiry_s: int | None,
-                       receive_maximum: int | None = None):
-    """CONNECT properties for MQTT 5 (session expiry, receive maximum), None for 3.1.1 or
-    when neither is set."""
-    if str(protocol) != "5" or not (session_expiry_s or receive_maximum):
+                       receive_maximum: int | None = None,
+                       maximum_packet_size: int | None = None):
+    """CONNECT properties for MQTT 5 (session expiry, receive maximum, maximum packet
+    size: the broker does not send us larger packets), None for 3.1.1 or when none is set."""
+    if str(protocol) != "5" or not (session_expiry_s or receive_maximum or maximum_packet_size):
         return None
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
@@ -152,6 +170,8 @@ def connect_properties(protocol: str, session_expiry_s: int | None,
         props.SessionExpiryInterval = int(session_expiry_s)
     if receive_maximum:
         props.ReceiveMaximum = int(receive_maximum)
+    if maximum_packet_size:
+        props.MaximumPacketSize = int(maximum_packet_size)
     return props
 
 

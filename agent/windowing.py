@@ -23,9 +23,17 @@ Sequence rules (``expected`` = last consumed seq + 1):
   device rebooted (or its counter wrapped) and counts again. Without this rule a rebooted
   device would be ignored until it passed its old seq. The held frames are flushed
   (consumed, gaps declared as above), the partial window is discarded, and the frame
-  starts a new stream. A device that reboots before reaching ``RESTART_ZERO_AFTER`` loses
-  at most that many frames (they read as duplicates until its seq passes the old one).
-  The price: a stale copy of seq 0 redelivered late also reads as a restart.
+  starts a new stream. The price: a stale copy of seq 0 redelivered late also reads as a
+  restart.
+* **restart, by time**: a lower seq whose ``ts`` does not fit the stream's time line is a
+  restart too, however small the old seq was. A stale copy of frame ``s`` carries frame
+  ``s``'s own timestamp: about ``last_ts - (top - s) * period`` (``period``: the stream's
+  seconds per frame so far). A simulator or device started again a few seconds later
+  sends seq 0, 1, ... with new timestamps: more than ``RESTART_TS_SLACK_S`` off that line
+  (or after ``last_ts``), so its frames are taken at once instead of being dropped as
+  duplicates until its seq passed the old one (issue 17: a re-run `reverie sim` lost up
+  to 67 frames, a 6-8 s one all of them). Streams whose ``ts`` does not advance (all 0)
+  keep the seq rules alone.
 * **first frame** (and the first after a restart) starts the stream whatever its seq, so
   windows flow at once after an agent restart; a lower seq arriving after it is a
   duplicate.
@@ -45,6 +53,7 @@ from agent.protocol import MAX_SAMPLES
 
 RESTART_BACKSTEP = 1000     # a seq this far below the highest seen is a device restart
 RESTART_ZERO_AFTER = 32     # seq 0 after a seq this high is a device restart, not a duplicate
+RESTART_TS_SLACK_S = 1.0    # a lower seq this far off the stream's time line is a restart
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,8 @@ class WindowBuffer:
         self._expected: int | None = None   # next seq to consume; None before the first frame
         self._held: dict[int, tuple[float, np.ndarray]] = {}   # seq -> (ts, (S, C) values)
         self._overtaken: set[int] = set()   # held seqs that a lower seq arrived after
+        self._origin: tuple[int, float] | None = None   # (seq, ts) of the stream's first frame
+        self._last_ts = 0.0                             # ts of the last consumed frame
         self.counters = WindowCounters()
 
     @property
@@ -144,12 +155,14 @@ class WindowBuffer:
         exp = self._expected
         if exp is not None:
             top = exp - 1   # held frames do not count: one far ahead is no reference
-            if seq < top - RESTART_BACKSTEP or (seq == 0 and top >= RESTART_ZERO_AFTER):
+            if seq < top - RESTART_BACKSTEP or (seq == 0 and top >= RESTART_ZERO_AFTER) or (
+                    seq < exp and self._off_time_line(seq, ts, top)):
                 self.counters.restarts += 1
                 while self._held:
                     self._declare_lost(out)
                 self._n = self._skip = 0
                 exp = self._expected = None
+                self._origin = None
             elif seq < exp or seq in self._held:
                 self.counters.duplicates += 1
                 return out
@@ -167,6 +180,16 @@ class WindowBuffer:
             if len(self._held) > self.reorder_frames:
                 self._declare_lost(out)
         return out
+
+    def _off_time_line(self, seq: int, ts: float, top: int) -> bool:
+        """Is `ts` not what frame `seq` of this stream carried? (restart by time)"""
+        if ts > self._last_ts + RESTART_TS_SLACK_S:
+            return True
+        first_seq, first_ts = self._origin
+        if top <= first_seq:
+            return False
+        period = (self._last_ts - first_ts) / (top - first_seq)
+        return abs(ts - (self._last_ts - (top - seq) * period)) > RESTART_TS_SLACK_S
 
     def _release(self, out: list[Window]) -> None:
         """Consume the held frames that follow on from the expected seq."""
@@ -190,6 +213,9 @@ class WindowBuffer:
         self._release(out)
 
     def _consume(self, seq: int, ts: float, values: np.ndarray, out: list[Window]) -> None:
+        if self._origin is None:
+            self._origin = (seq, ts)
+        self._last_ts = ts
         self._expected = seq + 1
         self.counters.frames += 1
         if self._skip:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from agent.errors import ConfigError
 
-ARCH_CHOICES = ("mlp", "cnn1d")
+ARCH_CHOICES = ("mlp", "cnn1d", "minirocket")  # export.model.ARCHS (no torch import here)
+REDUCE_CHOICES = ("pca", "random", "none")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +29,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--out", type=Path, required=True, metavar="BUNDLE/",
                    help="output bundle directory (must not exist or be empty, unless --force)")
     t.add_argument("--arch", choices=ARCH_CHOICES, default=None,
-                   help="architecture (default: cnn1d for (N, C, T) data, mlp for (N, F))")
+                   help="architecture (default: ArchConfig.for_data: minirocket for (N, C, T) "
+                        "windows, mlp for (N, F) features)")
+    t.add_argument("--features", type=int, default=None, metavar="F",
+                   help="minirocket: MiniRocket features, a multiple of 84 (default 840)")
+    t.add_argument("--reduce", choices=REDUCE_CHOICES, default=None,
+                   help="minirocket: how the standardized features become the latent: pca "
+                        "(fitted on the training features), random (seeded projection) or "
+                        "none (the latent is all F features) (default pca)")
+    t.add_argument("--latent-dim", type=int, default=None, metavar="L",
+                   help="minirocket: latent size after pca/random (default 256)")
+    t.add_argument("--augment", action="store_true",
+                   help="augment (C, T) windows: per-channel amplitude scaling, jitter, time "
+                        "shift (seeded); a frozen transform (minirocket) gets "
+                        "--augment-copies augmented copies of every training window")
+    t.add_argument("--augment-copies", type=int, default=None, metavar="N",
+                   help="with --augment, copies per training window for minirocket (default 4)")
     t.add_argument("--epochs", type=int, default=None, help="maximum epochs (default 60)")
     t.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
@@ -124,10 +140,18 @@ def _train(args: argparse.Namespace) -> int:
         sae = SAEConfig(n_units=args.sae_units or defaults.n_units,
                         active_fraction=args.sae_active or defaults.active_fraction,
                         seed=args.seed or 0, threads=args.threads or 1)
+    from export.train import TrainConfig
+
+    arch_options = {k: v for k, v in (("n_features", args.features), ("reduce", args.reduce),
+                                      ("reduce_dim", args.latent_dim)) if v is not None}
+    tc: dict = {"augment": args.augment}
+    if args.augment_copies is not None:
+        tc["augment_copies"] = args.augment_copies
     out = train_bundle(args.data, args.out, arch=args.arch, epochs=args.epochs, seed=args.seed,
                        threads=args.threads, name=args.name, force=args.force,
                        classes=classes, base_classes=args.base_classes, split=args.split,
-                       sae=sae, verbose=not args.quiet)
+                       sae=sae, verbose=not args.quiet, train_config=TrainConfig(**tc),
+                       arch_options=arch_options)
     manifest = load_bundle(out).manifest
     m = manifest["training"]["metrics"]
     print(f"wrote {out}: test accuracy {m['test_accuracy']}, {m['epochs_run']} epochs "

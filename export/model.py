@@ -6,7 +6,11 @@ and a head::
     raw window (B, C, T) or features (B, F)
       -> normalize   (x - mean) / std, per channel or per feature; buffers, so the
                      exported graph takes raw windows and the device does no scaling
-      -> features    mlp: flatten (B, F);  cnn1d: conv blocks + global average pool (B, C')
+      -> features    mlp: flatten (B, F);  cnn1d: conv blocks + global average pool (B, C');
+                     minirocket: MiniRocket PPV (B, n_features), standardized with the
+                     training features' statistics, reduced to reduce_dim (PCA fitted on
+                     the training features, a seeded random projection, or none); fitted
+                     once before training, frozen (buffers)
       -> dense[0..split)          Linear + ReLU      \\  encoder.onnx -> latent (B, latent_dim)
       -> dense[split..L-1)        Linear + ReLU      |  head.npz (numpy on the device,
       -> dense[L-1]               Linear -> logits   /  adapted there)
@@ -32,17 +36,23 @@ import torch
 from torch import nn
 
 from agent.errors import ConfigError
+from export.minirocket import MiniRocketFeatures, check_shape, window_batch
 
-ARCHS = ("mlp", "cnn1d")
+ARCHS = ("mlp", "cnn1d", "minirocket")
+WINDOW_ARCHS = ("cnn1d", "minirocket")  # need (C, T) windows
+FROZEN_FEATURE_ARCHS = ("minirocket",)  # features fitted once, then frozen
+REDUCTIONS = ("pca", "random", "none")
 SPLIT_NAMES = ("early", "late")
 # Chosen by measurement (export/probe.py, docs/benchmarks.md): the earliest split keeps
 # the most linearly decodable information about classes the base model never saw.
-DEFAULT_SPLIT = {"mlp": "early", "cnn1d": "early"}
+DEFAULT_SPLIT = {"mlp": "early", "cnn1d": "early", "minirocket": "early"}
 HEAD_ACTIVATION = "relu"
+MINIROCKET_HIDDEN = (128,)
 
 
 def min_split(arch: str) -> int:
-    """The smallest split: mlp's encoder needs one learned layer; cnn1d's convs are one."""
+    """The smallest split: mlp's encoder needs one learned layer; cnn1d's convs and
+    minirocket's transform are one."""
     return 1 if arch == "mlp" else 0
 
 
@@ -76,8 +86,13 @@ class ArchConfig:
     ``mlp`` takes ``(F,)`` features (or flattens ``(C, T)`` windows); ``cnn1d`` takes
     ``(C, T)`` windows through conv blocks (``channels``, ``kernel_sizes``; the first
     block keeps the time resolution, later ones halve it) and a global average pool.
-    Both continue with the dense layers ``hidden`` and a linear output layer. ``split``
-    (see the module docstring) may be given as a name or None; it is stored as an int.
+    ``minirocket`` takes ``(C, T)`` windows through a MiniRocket transform of
+    ``n_features`` PPV features (`export.minirocket`), standardized and reduced to
+    ``reduce_dim`` by ``reduce`` ("pca" | "random" | "none": then the latent is the
+    ``n_features`` standardized features). All continue with the dense layers ``hidden``
+    and a linear output layer. ``split`` (see the module docstring) may be given as a name
+    or None; it is stored as an int. Keys added later (``n_features``, ``reduce``,
+    ``reduce_dim``) have defaults, so older manifests' ``arch`` dicts still read.
     """
 
     arch: str
@@ -88,6 +103,9 @@ class ArchConfig:
     channels: tuple[int, ...] = (32, 64, 64)
     kernel_sizes: tuple[int, ...] = (7, 5, 3)
     dropout: float = 0.1
+    n_features: int = 840
+    reduce: str = "pca"
+    reduce_dim: int = 256
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -95,9 +113,17 @@ class ArchConfig:
         shape = self.input_shape
         if len(shape) not in (1, 2) or not all(isinstance(d, int) and d > 0 for d in shape):
             raise ConfigError(f"input_shape={shape!r}, expected (C, T) or (F,) of positive ints")
-        if self.arch == "cnn1d" and len(shape) != 2:
-            raise ConfigError(
-                f"arch 'cnn1d' needs (C, T) windows, got input_shape={shape!r}; use arch 'mlp'")
+        if self.arch in WINDOW_ARCHS and len(shape) != 2:
+            raise ConfigError(f"arch {self.arch!r} needs (C, T) windows, got "
+                              f"input_shape={shape!r}; use arch 'mlp'")
+        if self.reduce not in REDUCTIONS:
+            raise ConfigError(f"reduce={self.reduce!r}, expected one of {list(REDUCTIONS)}")
+        if self.arch == "minirocket":
+            check_shape(shape[0], shape[1], self.n_features)
+            if self.reduce != "none" and (not isinstance(self.reduce_dim, int)
+                                          or not 1 <= self.reduce_dim <= self.n_features):
+                raise ConfigError(f"reduce_dim={self.reduce_dim!r}, expected an integer in "
+                                  f"[1, n_features={self.n_features}]")
         if self.n_classes < 2:
             raise ConfigError(f"n_classes={self.n_classes}, expected >= 2")
         if not all(isinstance(h, int) and h >= 1 for h in self.hidden):
@@ -118,7 +144,11 @@ class ArchConfig:
     @property
     def feature_dim(self) -> int:
         """Width of the features before the dense layers."""
-        return int(np.prod(self.input_shape)) if self.arch == "mlp" else self.channels[-1]
+        if self.arch == "mlp":
+            return int(np.prod(self.input_shape))
+        if self.arch == "minirocket":
+            return self.n_features if self.reduce == "none" else self.reduce_dim
+        return self.channels[-1]
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -132,8 +162,20 @@ class ArchConfig:
     def latent_dim(self) -> int:
         return self.latent_dim_at(self.split)
 
+    def window_batch(self, default: int = 256) -> int:
+        """Windows per forward call that keep memory bounded (MiniRocket's comparison
+        tensor is n_features x T per window); ``default`` for the other archs."""
+        if self.arch == "minirocket":
+            return window_batch(self.n_features, self.input_shape[1], default)
+        return default
+
     def split_description(self, split: int | None = None) -> str:
         s = self.split if split is None else split
+        if s == 0 and self.arch == "minirocket":
+            how = ("standardized" if self.reduce == "none" else
+                   f"standardized, {self.reduce} to {self.reduce_dim}")
+            return (f"after the MiniRocket features ({self.n_features} PPV, {how}), "
+                    f"{self.feature_dim} units")
         if s == 0:
             return f"after the conv features (global average pool), {self.feature_dim} units"
         return f"after hidden layer {s} of {len(self.hidden)} (ReLU), {self.hidden[s - 1]} units"
@@ -141,9 +183,17 @@ class ArchConfig:
     @classmethod
     def for_data(cls, input_shape: tuple[int, ...], n_classes: int, arch: str | None = None,
                  **overrides: Any) -> ArchConfig:
-        """Pick the arch from the data's shape unless given: (C, T) -> cnn1d, (F,) -> mlp."""
+        """Pick the arch from the data's shape unless given: (C, T) -> minirocket, (F,) -> mlp.
+
+        minirocket by measurement (docs/benchmarks.md, "Representation (issue 12)"): on
+        real sensor sets its latent, fitted on the base classes, keeps the classes the base
+        model never saw separable (streaming LDA on it: osuleaf 88 % vs cnn1d's 49 %),
+        and the model trained on all classes is far closer to MiniRocket + ridge.
+        """
         if arch is None:
-            arch = "cnn1d" if len(input_shape) == 2 else "mlp"
+            arch = "minirocket" if len(input_shape) == 2 else "mlp"
+        if arch == "minirocket":
+            overrides.setdefault("hidden", MINIROCKET_HIDDEN)
         if arch == "mlp":
             # A wider first layer transfers better to classes the base model never saw
             # (digits, 5-shot device recall, docs/benchmarks.md); cnn1d keeps (128, 64).
@@ -212,6 +262,15 @@ class CNN1dFeatures(nn.Module):
         return self.blocks(x).mean(dim=-1)  # (B, C, T) -> (B, C', T') -> (B, C')
 
 
+def make_features(cfg: ArchConfig) -> nn.Module:
+    if cfg.arch == "mlp":
+        return nn.Flatten()
+    if cfg.arch == "minirocket":
+        return MiniRocketFeatures(cfg.input_shape[0], cfg.input_shape[1], cfg.n_features,
+                                  cfg.reduce, cfg.reduce_dim)
+    return CNN1dFeatures(cfg)
+
+
 class ReverieNet(nn.Module):
     """normalize -> features -> dense layers; `embed` gives the latent the device stores,
     `head` maps it to logits. ``embed(x, split=s)`` gives the latent of another split
@@ -221,7 +280,7 @@ class ReverieNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.normalize = Normalize(mean, std, cfg.input_shape)
-        self.features = nn.Flatten() if cfg.arch == "mlp" else CNN1dFeatures(cfg)
+        self.features = make_features(cfg)
         w = cfg.widths
         self.dense = nn.ModuleList(nn.Linear(w[i], w[i + 1]) for i in range(len(w) - 1))
         self.drop = nn.Dropout(cfg.dropout)
@@ -238,6 +297,11 @@ class ReverieNet(nn.Module):
         s = self.cfg.split if split is None else split
         h = self.features(self.normalize(x))        # (B, feature_dim)
         return self._layers(h, 0, s)                 # (B, latent_dim)
+
+    def dense_layers(self, h: torch.Tensor) -> torch.Tensor:
+        """All dense layers on the features: (B, feature_dim) -> (B, K) logits (training a
+        frozen-feature arch on cached features)."""
+        return self._layers(h, 0, len(self.dense))
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self._layers(h, self.cfg.split, len(self.dense))  # (B, latent_dim) -> (B, K)

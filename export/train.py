@@ -3,7 +3,9 @@
     model, metrics = train(load_dataset("digits.npz"), TrainConfig(epochs=30))
 
 The same dataset, config and seed give bit-identical weights on the same machine
-(fixed thread count, deterministic algorithms, one seeded generator for shuffling).
+(fixed thread count, deterministic algorithms, one seeded generator for shuffling and
+augmentation). A frozen-feature arch (minirocket) fits its transform on the training
+windows first (seeded by ``seed``) and trains only its dense layers, on cached features.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from torch import nn
 
 from agent.dataset import Dataset, stratified_split
 from agent.errors import ConfigError, DatasetError
-from export.model import ArchConfig, ReverieNet, build_model, normalization_stats
+from export.model import (
+    FROZEN_FEATURE_ARCHS,
+    ArchConfig,
+    ReverieNet,
+    build_model,
+    normalization_stats,
+)
 
 MIN_TRAIN_PER_CLASS = 2
 
@@ -42,6 +50,15 @@ class TrainConfig:
     # Label smoothing keeps the latent from collapsing onto the base classes: measured on
     # digits (base 0-4), 5-shot new-class recall on the device 0.59 -> 0.69 (issue 4).
     label_smoothing: float = 0.1
+    # Augmentation of (C, T) windows, seeded (`augment_windows`): per-channel amplitude
+    # scaling, jitter and a random time shift. A trained encoder (cnn1d) sees fresh
+    # augmented batches every epoch; a frozen one (minirocket) gets ``augment_copies``
+    # augmented copies of every training window, transformed once.
+    augment: bool = False
+    scale_sigma: float = 0.1     # per-channel amplitude factor ~ N(1, scale_sigma)
+    jitter_sigma: float = 0.03   # Gaussian noise, in units of the channel's std
+    shift_fraction: float = 0.1  # time shift up to this fraction of the window (edge-padded)
+    augment_copies: int = 4
     # One thread: these models are too small to gain from two, and on a busy 2-core
     # device a second OpenMP thread that has to wait for a core slows training ~10x.
     threads: int = 1
@@ -62,6 +79,13 @@ class TrainConfig:
             raise ConfigError(f"weight_decay={self.weight_decay}, expected 0 <= wd < 1")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing={self.label_smoothing}, expected 0 <= ls < 1")
+        for name in ("scale_sigma", "jitter_sigma"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}, expected 0 <= value < 1")
+        if not 0 <= self.shift_fraction < 0.5:
+            raise ConfigError(f"shift_fraction={self.shift_fraction}, expected 0 <= f < 0.5")
+        if self.augment_copies < 0:
+            raise ConfigError(f"augment_copies={self.augment_copies}, expected >= 0")
         if not 0 < self.val_fraction < 0.5:
             raise ConfigError(f"val_fraction={self.val_fraction}, expected 0 < f < 0.5")
 
@@ -95,6 +119,47 @@ def deterministic_torch(threads: int) -> Iterator[None]:
     finally:
         torch.set_num_threads(old_threads)
         torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+
+
+def augment_windows(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, cfg: TrainConfig,
+                    gen: torch.Generator) -> torch.Tensor:
+    """Augmented raw windows (B, C, T): around the channel ``mean`` (C, 1), scale each
+    window's channels by N(1, scale_sigma), add N(0, (jitter_sigma * std)^2) noise, and
+    shift in time by up to ``shift_fraction * T`` samples (edges repeated, not wrapped).
+
+    >>> x = torch.zeros(2, 3, 50)
+    >>> augment_windows(x, torch.zeros(3, 1), torch.ones(3, 1), TrainConfig(),
+    ...                 torch.Generator().manual_seed(0)).shape
+    torch.Size([2, 3, 50])
+    """
+    B, C, T = x.shape
+    scale = 1 + cfg.scale_sigma * torch.randn(B, C, 1, generator=gen)       # (B, C, 1)
+    noise = cfg.jitter_sigma * std * torch.randn(B, C, T, generator=gen)    # (B, C, T)
+    out = mean + (x - mean) * scale + noise
+    max_shift = int(cfg.shift_fraction * T)
+    if max_shift > 0:
+        shift = torch.randint(-max_shift, max_shift + 1, (B, 1, 1), generator=gen)
+        idx = (torch.arange(T).view(1, 1, T) - shift).clamp(0, T - 1).expand(B, C, T)
+        out = torch.gather(out, 2, idx)
+    return out
+
+
+class _DenseOnly(nn.Module):
+    """The dense layers of a frozen-feature model, on cached features (training)."""
+
+    def __init__(self, net: ReverieNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net.dense_layers(h)  # (B, feature_dim) -> (B, K)
+
+
+@torch.no_grad()
+def _frozen_features(model: ReverieNet, X: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model.features(model.normalize(X[s:s + batch]))
+                      for s in range(0, len(X), batch)])                   # (N, feature_dim)
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
@@ -157,16 +222,38 @@ def train(ds: Dataset, cfg: TrainConfig = TrainConfig(), arch: ArchConfig | None
         model = build_model(arch, mean, std)
         X_tr, y_tr = torch.from_numpy(ds.X[tr]), torch.from_numpy(ds.y[tr])
         X_va, y_va = torch.from_numpy(ds.X[va]), torch.from_numpy(ds.y[va])
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        frozen = arch.arch in FROZEN_FEATURE_ARCHS
+        if frozen:
+            # Fit the transform on the training windows, then train the dense layers on
+            # its cached output (the features never change).
+            with torch.no_grad():
+                model.features.fit(model.normalize(X_tr), cfg.seed)
+            fwd: nn.Module = _DenseOnly(model)
+            inputs_tr, y_fit = _frozen_features(model, X_tr), y_tr
+            if cfg.augment and cfg.augment_copies and X_tr.ndim == 3:
+                mean_t, std_t = model.normalize.mean, model.normalize.std
+                copies = [_frozen_features(model, augment_windows(X_tr, mean_t, std_t, cfg, gen))
+                          for _ in range(cfg.augment_copies)]
+                inputs_tr = torch.cat([inputs_tr, *copies])
+                y_fit = y_tr.repeat(cfg.augment_copies + 1)
+            inputs_va = _frozen_features(model, X_va)
+        else:
+            fwd, inputs_tr, y_fit, inputs_va = model, X_tr, y_tr, X_va
+        augment_online = cfg.augment and not frozen and X_tr.ndim == 3
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
         best_loss, best_epoch, best_state = math.inf, 0, None
         epoch = 0
         for epoch in range(1, cfg.epochs + 1):
-            model.train()
+            fwd.train()
             loss_sum = 0.0
-            for idx in _batches(len(X_tr), cfg.batch_size, gen):
+            for idx in _batches(len(inputs_tr), cfg.batch_size, gen):
+                xb = inputs_tr[idx]
+                if augment_online:
+                    xb = augment_windows(xb, model.normalize.mean, model.normalize.std, cfg, gen)
                 opt.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(model(X_tr[idx]), y_tr[idx],
+                loss = nn.functional.cross_entropy(fwd(xb), y_fit[idx],
                                                    label_smoothing=cfg.label_smoothing)
                 loss.backward()
                 opt.step()
@@ -174,12 +261,12 @@ def train(ds: Dataset, cfg: TrainConfig = TrainConfig(), arch: ArchConfig | None
             if not math.isfinite(loss_sum):
                 raise ConfigError(f"training diverged (loss {loss_sum} in epoch {epoch}); "
                                   f"try a lower lr than {cfg.lr}")
-            val_loss, val_acc = evaluate(model, X_va, y_va)
+            val_loss, val_acc = evaluate(fwd, inputs_va, y_va)
             improved = val_loss < best_loss - cfg.min_delta
             if improved:
                 best_loss, best_epoch = val_loss, epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            _progress(log, epoch, cfg, loss_sum / len(X_tr), val_loss, val_acc, improved,
+            _progress(log, epoch, cfg, loss_sum / len(inputs_tr), val_loss, val_acc, improved,
                       time.perf_counter() - t0)
             if epoch - best_epoch > cfg.patience:
                 break

@@ -35,7 +35,7 @@ NATIVE_HZ = 50.0
 
 def register(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser(
-        "sim", help="simulator scale: devices x sample rate sustained within 1 %, speed factor",
+        "sim", help="simulator scale: devices x sample rate sustained within 1 %%, speed factor",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=_ints, default=(1, 10, 100, 200), metavar="N,N,..",
                    help="device counts (default: 1,10,100,200)")
@@ -51,7 +51,8 @@ def register(bench_sub: argparse._SubParsersAction) -> None:
                    help="devices for the speed-factor run; 0 skips it (default: 100)")
     p.add_argument("--broker", default=None, metavar="URL",
                    help="use this broker instead of a private mosquitto")
-    p.add_argument("--json", type=Path, default=None, metavar="OUT")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT",
+                   help="also write the results here (JSON)")
     p.set_defaults(func=cmd_sim)
 
 

@@ -8,6 +8,7 @@ module stays cheap: numpy, paho and the simulator load only when a command runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
@@ -23,6 +24,8 @@ modes:
                                       with its labels through the label oracle
   reverie sim dataset --out D.npz     write a labelled dataset of independent windows of
                                       the same signal classes, for `reverie export`
+  reverie sim broker --port N         a private MQTT broker on 127.0.0.1:N until stopped
+                                      (mosquitto; amqtt, MQTT 3.1.1 only, without it)
 
 examples:
   reverie sim --devices 3 --duration 30 --speed 2
@@ -61,7 +64,8 @@ def register_sim(subparsers: argparse._SubParsersAction) -> None:
                     "impairments, network faults, labels, sleeps).",
         usage="reverie sim [options]\n       reverie sim --scenario NAME|FILE [options]\n"
               "       reverie sim replay --data D.npz --device ID [--rate HZ] [options]\n"
-              "       reverie sim dataset --out D.npz [options]",
+              "       reverie sim dataset --out D.npz [options]\n"
+              "       reverie sim broker [--port N]",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--broker", default=DEFAULT_BROKER, metavar="URL",
                    help=f"MQTT broker URL (default: {DEFAULT_BROKER})")
@@ -91,7 +95,9 @@ def register_sim(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_sim)
 
     modes = p.add_subparsers(dest="sim_mode", metavar="MODE")
-    d = modes.add_parser("dataset", help="write a labelled NPZ dataset and exit",
+    # prog: the parent's multi-line usage would otherwise prefix this one's usage line
+    d = modes.add_parser("dataset", prog="reverie sim dataset",
+                         help="write a labelled NPZ dataset and exit",
                          description="Write independent windows of the simulator's signal "
                                      "classes in the NPZ dataset format (X: N x channels x "
                                      "window).")
@@ -108,7 +114,8 @@ def register_sim(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     d.set_defaults(func=_run_dataset)
 
-    r = modes.add_parser("replay", help="stream an NPZ dataset as one device's frames",
+    r = modes.add_parser("replay", prog="reverie sim replay",
+                         help="stream an NPZ dataset as one device's frames",
                          description="Stream every window of an NPZ dataset (X: N x C x T), "
                                      "in a seeded order, as one device's frames, with its "
                                      "labels published through the label oracle.")
@@ -137,6 +144,56 @@ def register_sim(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--protocol", choices=("5", "3.1.1"), default="5",
                    help="MQTT protocol version (default: 5)")
     r.set_defaults(func=_run_replay)
+
+    b = modes.add_parser("broker", prog="reverie sim broker",
+                         help="run a private MQTT broker on 127.0.0.1 until stopped",
+                         description="A throwaway MQTT broker on 127.0.0.1 (no persistence, "
+                                     "no authentication) for trying reverie out without "
+                                     "touching another broker: mosquitto (MQTT 3.1.1 and 5) "
+                                     "when installed, else amqtt (MQTT 3.1.1 only: run the "
+                                     "agent and the simulator with --protocol 3.1.1). Runs "
+                                     "until Ctrl-C or SIGTERM.")
+    b.add_argument("--port", type=_port, default=None, metavar="N",
+                   help="listen on this port (default: a free one, printed)")
+    b.add_argument("--prefer", choices=("auto", "mosquitto", "amqtt"), default="auto",
+                   help="which broker (default: auto, mosquitto if installed)")
+    b.set_defaults(func=_run_broker)
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"invalid port: {text!r} (expected 1-65535)")
+    return value
+
+
+def _run_broker(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from agent.errors import BrokerError
+    from firmware_sim.broker import EmbeddedBroker, _PortInUse
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    broker = EmbeddedBroker(prefer=args.prefer, port=args.port)
+    try:
+        broker.start()
+    except _PortInUse:
+        raise BrokerError(f"port {args.port} on 127.0.0.1 is in use: choose another --port "
+                          "(or leave it out for a free one)") from None
+    try:
+        print(f"sim broker: {broker.url} ({broker.kind}, MQTT "
+              f"{' and '.join(broker.protocols)}); stop with Ctrl-C or kill {os.getpid()}",
+              flush=True)
+        stop.wait()
+    finally:
+        broker.stop()
+    return 0
 
 
 def _run_dataset(args: argparse.Namespace) -> int:
@@ -181,16 +238,27 @@ def _run_sim(args: argparse.Namespace) -> int:
     print(f"sim: {len(sim.devices)} device(s) ({ids}) -> {sim.broker} "
           f"{args.prefix}/<device>/frames, {args.encoding}, {args.frame_samples} samples/frame "
           f"at {SAMPLE_RATE_HZ * args.speed:g} Hz, {until}", flush=True)
-    _report(_wait(sim))
+    _report(_wait(sim, protocol=args.protocol))
     return 0
 
 
-def _wait(sim, duration_s: float = 0.0):
+def _wait(sim, duration_s: float = 0.0, protocol: str = "5"):
     """Start `sim` (anything with start/stop/join) and wait: to its end, `duration_s` of
-    wall time, or Ctrl-C. Its SimStats."""
+    wall time, or Ctrl-C. Its SimStats. A broker that refuses the connection gets the
+    daemon's hint (e.g. --protocol 3.1.1 for a broker that drops MQTT 5 clients)."""
     import time
 
-    sim.start()
+    from agent.errors import BrokerError
+    from agent.mqtt import protocol_hint
+
+    try:
+        sim.start()
+    except BrokerError as exc:
+        hint = protocol_hint(protocol, str(exc))
+        if not hint and "refused" in str(exc).lower() and "connack" not in str(exc).lower():
+            hint = (" (is a broker listening there? `reverie sim broker --port N` starts one; "
+                    "then pass --broker mqtt://127.0.0.1:N)")
+        raise BrokerError(f"{exc}{hint}") from None
     deadline = time.monotonic() + duration_s if duration_s > 0 else None
     try:
         stats = None
@@ -230,7 +298,7 @@ def _run_scenario(args: argparse.Namespace) -> int:
           f"device(s) -> {runner.engine.broker} {args.prefix}/<device>/frames, "
           f"{sc.duration_s:g} s at {args.speed:g}x, {runner.rate_hz:g} Hz, "
           f"{sc.frame_samples} samples/frame", flush=True)
-    _report(_wait(runner, args.duration))
+    _report(_wait(runner, args.duration, args.protocol))
     print("sim: " + json.dumps(runner.summary()))
     return 0
 
@@ -247,6 +315,6 @@ def _run_replay(args: argparse.Namespace) -> int:
     print(f"sim replay: {args.data}: {n} windows of {c} x {t} as {args.device} -> "
           f"{replay.engine.broker} {replay.topics.frames} at {replay.rate_hz:g} Hz x "
           f"{args.speed:g}{', looping' if args.loop else ''}", flush=True)
-    _report(_wait(replay, args.duration))
+    _report(_wait(replay, args.duration, args.protocol))
     print(f"sim replay: {replay.labels_sent} label(s) published")
     return 0

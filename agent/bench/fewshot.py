@@ -20,14 +20,34 @@ from agent.bench.cli import environment, print_table, write_json
 
 
 def register(bench_sub: argparse._SubParsersAction) -> None:
-    p = bench_sub.add_parser("fewshot", help="new-class recall after n labelled windows")
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--data", required=True, help="the NPZ dataset the bundle was trained from")
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
-    p.add_argument("--trials", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
+    p = bench_sub.add_parser(
+        "fewshot", help="new-class recall after n labelled windows",
+        description="For each class of the dataset that the bundle was not trained on, a "
+        "fresh learner learns n labelled windows of it (no sleep); reports the new class's "
+        "recall and the base classes' accuracy drop. Train the bundle on some classes only "
+        "(`reverie export train --base-classes K`) so that there is something to learn.")
+    p.add_argument("--bundle", required=True, metavar="BUNDLE/",
+                   help="a bundle trained on some of the dataset's classes")
+    p.add_argument("--data", required=True, metavar="D.npz",
+                   help="the NPZ dataset the bundle was trained from, with classes it was not")
+    p.add_argument("--shots", type=_positive_int, nargs="+", default=[1, 5, 10], metavar="N",
+                   help="labelled windows per new class (default: 1 5 10)")
+    p.add_argument("--trials", type=_positive_int, default=3, metavar="N",
+                   help="random draws of the windows per shot count (default: 3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--json", default=None, metavar="OUT.json",
+                   help="also write the results here (default: table only)")
     p.set_defaults(func=cmd_fewshot)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value: {text!r} (expected an integer >= 1)")
+    return value
 
 
 def _accuracy(learner, Z, names) -> float:
@@ -42,18 +62,21 @@ def run(bundle_path: str, data: str, shots: list[int], trials: int, seed: int,
         config=None) -> dict:
     from agent.bundle import load_bundle
     from agent.dataset import load_dataset
+    from agent.errors import ConfigError
     from agent.inference import Encoder
     from agent.learner import Learner, LearnerConfig
 
     config = config or LearnerConfig()
     bundle = load_bundle(bundle_path)
-    ds = load_dataset(data, seed=seed)
+    ds = load_dataset(data, seed=seed, input_shape=bundle.input.shape)
     train_names = np.array([ds.classes[i] for i in ds.y])
     test_names = np.array([ds.classes[i] for i in ds.y_test])
     base = list(bundle.classes)
     new = [c for c in ds.classes if c not in base]
     if not new:
-        raise SystemExit(f"{data}: every class is a base class of the bundle; nothing to learn")
+        raise ConfigError(f"{data}: every class ({', '.join(ds.classes)}) is a base class of "
+                          f"bundle {bundle_path}; nothing to learn: train it on some classes "
+                          "only, e.g. `reverie export train --base-classes K`")
     base_mask = np.isin(test_names, base)
     # One onnxruntime session for every learner, and the test windows encoded once.
     encoder = Encoder(bundle, threads=config.threads)

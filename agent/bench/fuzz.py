@@ -11,12 +11,17 @@ Pacing: the publisher keeps at most ``WINDOW`` messages ahead of what the daemon
 received (its ``/metrics``), so neither the broker nor the daemon's frame queue drops;
 a ``queue_full`` or outbox drop would show in the table, apart from the malformed count.
 
+Besides malformed bytes, the generators send *semantic* hostile inputs: huge finite
+values, extreme and non-monotonic timestamps, emoji and 128-character label ids, class
+floods and window-id floods (agent/bench/fuzz_payloads.py).
+
 Pass criteria (exit 1 otherwise): the daemon is the same process at the end (never
 restarted, never reconnected); its ``reverie_dropped_total{reason}`` equals, reason by
 reason, what the generators expect (each computed with the same decoders); every valid
-frame got its prediction and every valid label was learned; SIGTERM stops it with exit
-0; its state directory then loads into a `Learner` whose memory latents and adapter
-arrays are all finite.
+frame got its prediction and every valid label was learned; then it is killed (SIGKILL)
+and ``reverie run`` comes back on its state directory, and SIGTERM stops it with exit 0;
+the state then loads into a `Learner` whose memory latents and adapter arrays are all
+finite and which holds the key of every valid label (each was acknowledged).
 """
 
 from __future__ import annotations
@@ -82,8 +87,20 @@ def run_campaign(bundle_dir: Path, n_payloads: int, *, seed: int = 0,
     if "encoder" not in bundle.manifest:
         raise ConfigError(f"--bundle {bundle_dir}: not a split bundle (no encoder), the "
                           "learner would not run")
-    spec = Spec(bundle.input.n_channels, bundle.input.window_samples, bundle.classes)
-    campaign = Campaign(spec, PREFIX, seed=seed)
+    from agent.config import IngestConfig
+    from agent.value_range import ValueRange
+
+    ing = IngestConfig()           # the daemon runs with the default value range
+    spec = Spec(bundle.input.n_channels, bundle.input.window_samples, bundle.classes,
+                value_range=ValueRange.from_manifest(bundle.manifest, bundle.input.n_channels,
+                                                     k=ing.value_range_k,
+                                                     max_abs=ing.max_abs_value))
+    from agent.learner import LearnerConfig
+
+    quotas = LearnerConfig()       # the daemon's shared learner refuses classes beyond these
+    campaign = Campaign(spec, PREFIX, seed=seed, new_class_quota=min(
+        getattr(quotas, "max_new_classes_per_hour", 1 << 30),
+        getattr(quotas, "max_classes", 1 << 30) - len(bundle.classes)))
     result: dict = {"bench": "fuzz", "environment": environment(), "seed": seed,
                     "payloads": n_payloads, "bundle": bundle.bundle_id}
     with ExitStack() as stack:
@@ -107,18 +124,32 @@ def run_campaign(bundle_dir: Path, n_payloads: int, *, seed: int = 0,
         result["wall_s"] = time.perf_counter() - t0
         result["publish_s"] = publish_s
         result["alive"] = daemon.proc.poll() is None and daemon.pid == pid
-        result["exit_code"] = _stop(daemon)
+        # The end of the campaign is a crash: SIGKILL, then the agent must come back on
+        # its state and hold every label it acknowledged.
+        daemon.proc.kill()
+        daemon.proc.wait(30)
+        again = procs.DaemonProcess(bundle_dir, url, "+", PREFIX, tmp, env=env)
+        stack.callback(again.close)
+        try:
+            again.wait_serving()
+            result["restarted"] = True
+        except ReverieError as exc:
+            result["restarted"] = False
+            result["restart_error"] = str(exc)[-500:]
+        result["exit_code"] = _stop(again)
         result.update(_accounting(sent, before, after))
         result["bugs"] = [{"kind": m.kind, "family": m.family, "payload": m.payload[:200]
                            .decode("utf-8", "replace")} for m in campaign.bugs[:10]]
         result["n_bug_payloads"] = len(campaign.bugs)
-        result["state"] = check_state(bundle_dir, state_dir)
-    checks = {"alive": result["alive"], "exit_0": result["exit_code"] == 0,
+        result["state"] = check_state(bundle_dir, state_dir, campaign.learned_keys)
+    checks = {"alive": result["alive"], "restarted_after_sigkill": result["restarted"],
+              "exit_0": result["exit_code"] == 0,
               "no_reconnects": result["reconnects"] == 0,
               "drops_match": result["drops_match"],
               "predictions": result["predictions"] == result["valid_frames"],
               "labels_learned": result["labels_learned"] == result["valid_labels"],
-              "finite_state": result["state"]["finite"]}
+              "finite_state": result["state"]["finite"],
+              "acknowledged_labels_held": not result["state"]["missing_keys"]}
     result["checks"] = checks
     result["passed"] = all(checks.values())
     return result
@@ -202,8 +233,8 @@ def _settle(daemon, before: dict, sent: list) -> dict:
     """Wait until every expected drop, prediction and learned label is counted, and the
     sleep finished; return the final metrics (or the last ones on a timeout)."""
     want = sum(_expected(sent).values())
-    frames = sum(1 for m in sent if m.family == "valid_frame")
-    labels = sum(1 for m in sent if m.family == "valid_label")
+    frames = sum(1 for m in sent if m.family.startswith("valid_frame"))
+    labels = sum(1 for m in sent if m.family.startswith("valid_label"))
 
     def delta(m, name):
         return m.get(name, 0.0) - before.get(name, 0.0)
@@ -244,8 +275,11 @@ def _accounting(sent: list, before: dict, after: dict) -> dict:
 
     return {
         "sent": len(sent), "malformed": sum(1 for m in sent if m.expect is not None),
-        "valid_frames": sum(1 for m in sent if m.family == "valid_frame"),
-        "valid_labels": sum(1 for m in sent if m.family == "valid_label"),
+        "valid_frames": sum(1 for m in sent if m.family.startswith("valid_frame")),
+        "valid_labels": sum(1 for m in sent if m.family.startswith("valid_label")),
+        "semantic": sum(1 for m in sent if m.family.startswith(
+            ("valid_frame_", "valid_label_", "huge_finite", "frame_extreme", "label_",
+             "window_id_flood"))),
         "qos1": sum(1 for m in sent if m.qos == 1),
         "devices": len({m.device for m in sent}),
         "rejections": [{"reason": r, "expected": want.get(r, 0), "counted": got.get(r, 0)}
@@ -270,11 +304,13 @@ def _stop(daemon) -> int | None:
         return None
 
 
-def check_state(bundle_dir: Path, state_dir: Path) -> dict:
-    """Load the daemon's state into a Learner; are memory latents and adapters finite?"""
+def check_state(bundle_dir: Path, state_dir: Path, keys: list[str] = ()) -> dict:
+    """Load the daemon's state into a Learner; are memory latents and adapters finite,
+    and does it hold every label key in `keys` (the labels the daemon acknowledged)?"""
     from agent.learner.learner import Learner
 
     with Learner.load(state_dir, bundle_dir) as learner:
+        missing = [k for k in keys if not learner.seen(k)]
         memory = learner.memory.state_arrays()
         adapter = learner.adapted_head.state_arrays() if learner.adapted_head.version else {}
         arrays = {**{f"memory.{k}": v for k, v in memory.items()},
@@ -284,7 +320,8 @@ def check_state(bundle_dir: Path, state_dir: Path) -> dict:
         return {"episodes": len(learner.memory),
                 "adapter_version": int(learner.adapted_head.version),
                 "classes": len(learner.classes), "arrays_checked": len(arrays),
-                "non_finite": bad, "finite": not bad}
+                "non_finite": bad, "finite": not bad, "labels_checked": len(keys),
+                "missing_keys": missing[:20]}
 
 
 def _print(r: dict) -> None:
@@ -298,9 +335,11 @@ def _print(r: dict) -> None:
           f"{r['predictions']}/{r['valid_frames']}; labels learned "
           f"{r['labels_learned']}/{r['valid_labels']}; sleeps {r['sleeps']}; outbox drops "
           f"{r['outbox_dropped']}; reconnects {r['reconnects']}")
-    print(f"daemon alive to the end: {r['alive']}; exit code after SIGTERM: {r['exit_code']}; "
-          f"state: {s['episodes']} episodes, adapter v{s['adapter_version']}, "
-          f"{s['arrays_checked']} arrays, non-finite: {s['non_finite'] or 'none'}")
+    print(f"daemon alive to the end: {r['alive']}; SIGKILL, restarted: {r['restarted']}; exit "
+          f"code after SIGTERM: {r['exit_code']}; state: {s['episodes']} episodes, adapter "
+          f"v{s['adapter_version']}, {s['arrays_checked']} arrays, non-finite: "
+          f"{s['non_finite'] or 'none'}; acknowledged labels held: "
+          f"{s['labels_checked'] - len(s['missing_keys'])}/{s['labels_checked']}")
     if r["n_bug_payloads"]:
         print(f"decoder bugs (internal_error): {r['n_bug_payloads']} payloads, e.g. "
               f"{r['bugs'][0]}")

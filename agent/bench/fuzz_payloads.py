@@ -14,6 +14,14 @@ command, once by the guard and once by the rejection that follows) and listed in
 Valid traffic is deterministic per device: one window per frame, seq 0, 1, 2, ...
 (so each valid frame yields one prediction) and labels carrying an inline window of a
 class of the bundle, with a unique id (so each is learned once).
+
+Semantic hostile inputs (issue 13) are well-formed but meant to hurt: frames of huge
+finite values (+-3e38, 1e7: refused by the bundle's value range, ``out_of_range``),
+frames with extreme or non-monotonic timestamps on their own devices (accepted: one
+prediction each), labels with emoji and 128-character ids, class floods (a new class per
+label) and window-id floods (1,024 ids never produced). Their families start with
+``valid_`` when the daemon must accept them (counted with the valid traffic: every one
+predicted or learned), otherwise they carry the reason like the malformed ones.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from agent.protocol import (
     encode_frame_json,
 )
 from agent.topics import Topics
+from agent.value_range import ValueRange
 
 VALID_TS0 = 1.7e9             # valid frames' timestamps start here; malformed ranges avoid it
 SAMPLE_RATE_HZ = 50.0
@@ -64,6 +73,7 @@ class Spec:
     window: int
     classes: tuple[str, ...]
     max_payload_bytes: int = MAX_PAYLOAD_BYTES
+    value_range: ValueRange | None = None      # the daemon's (agent/value_range.py)
 
 
 def expected_outcome(kind: str, device: str, payload: bytes, spec: Spec, prefix: str
@@ -78,7 +88,11 @@ def expected_outcome(kind: str, device: str, payload: bytes, spec: Spec, prefix:
     try:
         if kind == "frames":
             frame = decode_frame(payload, max_bytes=spec.max_payload_bytes)
-            return "bad_channels" if frame.n_channels != spec.n_channels else None
+            if frame.n_channels != spec.n_channels:
+                return "bad_channels"
+            if spec.value_range is not None:
+                spec.value_range.check(frame.values, "frame")
+            return None
         if kind == "cmd":
             decode_command(payload, max_bytes=MAX_COMMAND_BYTES)
             return None
@@ -88,7 +102,14 @@ def expected_outcome(kind: str, device: str, payload: bytes, spec: Spec, prefix:
     except Exception:  # noqa: BLE001 - a decoder bug: the worker's guard counts it so
         return "internal_error"
     if label.values is not None:
-        return None if label.values.shape == (spec.window, spec.n_channels) else "bad_shape"
+        if label.values.shape != (spec.window, spec.n_channels):
+            return "bad_shape"
+        if spec.value_range is not None:
+            try:
+                spec.value_range.check(label.values, "label")
+            except ProtocolError as exc:
+                return exc.reason
+        return None
     if label.windows:
         if min(label.windows) >= 2**40:        # no daemon in a campaign gets that far
             return "unknown_window"
@@ -302,15 +323,24 @@ class Campaign:
     """
 
     def __init__(self, spec: Spec, prefix: str, *, seed: int = 0, valid_devices: int = 4,
-                 extra_devices: int = 32, valid_fraction: float = 0.04):
+                 extra_devices: int = 32, valid_fraction: float = 0.04,
+                 semantic_fraction: float = 0.02, new_class_quota: int | None = None):
         self.spec, self.prefix = spec, prefix
         self.rng = random.Random(seed)
         self.valid = [f"fuzz-{k:03d}" for k in range(valid_devices)]
         self.devices = self.valid + [f"fz-{k:03d}" for k in range(extra_devices)]
+        self.semantic = [f"sem-{k:03d}" for k in range(2)]    # extreme timestamps live here
         self.valid_fraction = valid_fraction
-        self._seq = dict.fromkeys(self.valid, 0)
+        self.semantic_fraction = semantic_fraction
+        self._seq = dict.fromkeys(self.valid + self.semantic, 0)
+        self._ts = dict.fromkeys(self.semantic, VALID_TS0)
         self._label_id = 0
+        self._flood = 0
+        # new classes the (shared) learner accepts in a campaign (its class quotas); a
+        # class-flood label beyond is refused (bad_label)
+        self.new_class_quota = new_class_quota
         self.bugs: list[Message] = []       # messages a decoder failed on unexpectedly
+        self.learned_keys: list[str] = []   # label keys the daemon must hold at the end
 
     def valid_frame(self) -> Message:
         rng, spec = self.rng, self.spec
@@ -328,7 +358,64 @@ class Campaign:
         rows = np.round(_values(rng, spec.window, spec.n_channels), 4).tolist()
         body = {"id": f"fuzz-label-{self._label_id}", "label": rng.choice(spec.classes),
                 "values": rows}
-        return Message("labels", rng.choice(self.valid), _json(body), 1, "valid_label", None)
+        device = rng.choice(self.valid)
+        self.learned_keys.append(f"{device}/{body['id']}")
+        return Message("labels", device, _json(body), 1, "valid_label", None)
+
+    def semantic_message(self) -> Message:
+        """One well-formed hostile message (see the module docstring)."""
+        rng, spec = self.rng, self.spec
+        pick = rng.randrange(5)
+        if pick == 0 and spec.value_range is not None:      # huge finite values
+            vals = _values(rng, spec.window, spec.n_channels)
+            vals[rng.randrange(spec.window), rng.randrange(spec.n_channels)] = rng.choice(
+                [3e38, -3e38, 1e7, -1e7])
+            device = rng.choice(self.devices)
+            payload = encode_frame_binary(rng.randrange(2**32), VALID_TS0, vals)
+            return self._checked("frames", device, payload, 0, "huge_finite_values")
+        if pick <= 1:                                       # extreme, non-monotonic ts
+            device = rng.choice(self.semantic)
+            ts = rng.choice([0.0, -1e9, 1e15, 4e9, self._ts[device] - rng.uniform(1, 1e6),
+                             self._ts[device]])
+            vals = _values(rng, spec.window, spec.n_channels)
+            payload = encode_frame_binary(self._seq[device], ts, vals)
+            msg = self._checked("frames", device, payload, 0, "valid_frame_extreme_ts")
+            if msg.expect is None:                          # consumed: next seq
+                self._seq[device] += 1
+                self._ts[device] = ts
+            return msg
+        rows = np.round(_values(rng, spec.window, spec.n_channels), 4).tolist()
+        device = rng.choice(self.valid)
+        self._label_id += 1
+        if pick == 2:                                       # emoji / long ids
+            stem = rng.choice(["\U0001F600", "\u00e9", "x", "\u4e2d"])
+            ident = (stem * 128)[:120] + f"{self._label_id:08d}"
+            body = {"id": ident, "label": rng.choice(spec.classes), "values": rows}
+            family = "valid_label_long_id"
+        elif pick == 3:                                     # class flood
+            self._flood += 1
+            body = {"id": f"flood-{self._label_id}", "label": f"flood-class-{self._flood}",
+                    "values": rows}
+            family = "valid_label_class_flood"
+        else:                                               # window-id flood
+            far = 2**41 + rng.randrange(2**30)
+            body = {"id": f"wflood-{self._label_id}", "label": rng.choice(spec.classes),
+                    "windows": list(range(far, far + 1024))}
+            family = "window_id_flood"
+        msg = self._checked("labels", device, _json(body), 1, family)
+        if msg.expect is None and pick == 3 and self.new_class_quota is not None \
+                and self._flood > self.new_class_quota:
+            msg = Message("labels", device, msg.payload, 1, "label_class_flood", "bad_label")
+        if msg.expect is None:
+            self.learned_keys.append(f"{device}/{body['id']}")
+        return msg
+
+    def _checked(self, kind: str, device: str, payload: bytes, qos: int,
+                 family: str) -> Message:
+        expect = expected_outcome(kind, device, payload, self.spec, self.prefix)
+        if expect is not None and family.startswith("valid_"):
+            family = family.removeprefix("valid_")          # refused: counted as a drop
+        return Message(kind, device, payload, qos, family, expect)
 
     def valid_command(self) -> Message:
         return Message("cmd", self.rng.choice(self.valid), _json({"cmd": "status"}), 1,
@@ -360,8 +447,10 @@ class Campaign:
 
     def next(self) -> Message:
         r = self.rng.random()
-        if r >= self.valid_fraction:
+        if r >= self.valid_fraction + self.semantic_fraction:
             return self.malformed()
+        if r >= self.valid_fraction:
+            return self.semantic_message()
         r /= self.valid_fraction
         return (self.valid_frame() if r < 0.8 else self.valid_label() if r < 0.95
                 else self.valid_command())

@@ -25,12 +25,14 @@ def register(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("memory", help="episodic memory query/insert vs numpy brute force")
     p.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000],
                    help="episodes in memory (several sizes allowed)")
-    p.add_argument("--dim", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--dim", type=int, nargs="+", default=[64, 128],
+                   help="latent dimensions to measure (default: 64 128)")
+    p.add_argument("--k", type=int, default=10, help="neighbours per query (default: 10)")
+    p.add_argument("--queries", type=int, default=1000,
+                   help="queries timed per configuration (default: 1000)")
     p.add_argument("--ef", type=int, default=None, help="hnswlib ef_search (default: config)")
     p.add_argument("--latents", default=None, help=".npy of real latents (N, dim) to draw from")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--json", default=None, help="write results here")
     p.set_defaults(func=cmd_memory)
 

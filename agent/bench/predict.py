@@ -31,20 +31,22 @@ def register(bench_sub: argparse._SubParsersAction) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", required=True)
+    p.add_argument("--bundle", required=True, metavar="BUNDLE/", help="the bundle to run")
     p.add_argument("--data", default=None, help="NPZ dataset to draw windows from")
     p.add_argument("--episodes", type=int, default=10_000, help="memory fill for the predict path")
-    p.add_argument("--footprint-episodes", type=int, default=100_000)
-    p.add_argument("--iterations", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
+    p.add_argument("--footprint-episodes", type=int, default=100_000,
+                   help="memory fill for the RSS footprint measurement (default: 100000)")
+    p.add_argument("--iterations", type=int, default=2000,
+                   help="timed predictions (default: 2000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--json", default=None, metavar="OUT.json", help="also write the results here")
 
 
 def _windows(bundle, data: str | None, n: int, rng) -> np.ndarray:
     if data:
         from agent.dataset import load_dataset
 
-        ds = load_dataset(data)
+        ds = load_dataset(data, input_shape=bundle.input.shape)
         X = np.concatenate([ds.X, ds.X_test])
         return X[rng.integers(0, len(X), n)]
     return rng.standard_normal((n, *bundle.input.shape)).astype(np.float32)

@@ -25,8 +25,8 @@ import hashlib
 import logging
 import math
 import threading
-from collections import deque
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,14 +38,14 @@ from agent.head import Head
 from agent.inference import Encoder, softmax
 from agent.learner import fusion, kernels
 from agent.learner.config import LearnerConfig
-from agent.learner.state import LearnerState, restore, snapshot
 from agent.learner.novelty import NoveltyCalibration
+from agent.learner.state import LearnerState, restore, snapshot
 from agent.learner.trust import READOUTS, ReadoutTrust
 from agent.memory import (
     AssociativeReadout,
-    MemoryInputError,
     EpisodicMemory,
     MemoryConfig,
+    MemoryInputError,
     ReadoutConfig,
     SparseCoder,
 )
@@ -259,7 +259,10 @@ class Learner:
             self.memory.schema.seed_stats(exemplars["class_counts"],
                                           exemplars["class_means"] - self.center,
                                           exemplars["class_scatter"])
-        if len(lat) >= 2:      # the first calibration: the stored exemplars, leave-one-out
+        if "novelty_calibration" in exemplars:
+            # The exporter's held-out windows, scored as this device scores (novelty.py).
+            self.novelty_cal.reset(exemplars["novelty_calibration"])
+        elif len(lat) >= 2:    # older bundles: the stored exemplars, leave-one-out
             u = lat - self.center
             u = u / np.linalg.norm(u, axis=1, keepdims=True)
             d = 1.0 - u @ u.T

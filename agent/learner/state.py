@@ -67,6 +67,13 @@ def load_exemplars(bundle: Bundle, latent_dim: int) -> dict[str, np.ndarray]:
     if not np.isfinite(lat).all() or (np.linalg.norm(lat, axis=1) == 0).any():
         raise BundleError(f"{path}: latents must be finite and non-zero")
     out["labels"] = lab.astype(np.int64)
+    if "novelty_calibration" in z:
+        cal = z["novelty_calibration"]
+        if cal.ndim != 2 or cal.shape[1] != 2 or cal.dtype.kind != "f" \
+                or not np.isfinite(cal).all() or (cal < 0).any():
+            raise BundleError(f"{path}: novelty_calibration is {cal.dtype}{list(cal.shape)}, "
+                              "expected finite non-negative floats [n, 2]")
+        out["novelty_calibration"] = cal.astype(np.float64)
     if stats:
         out.update(_class_stats(path, stats, n_classes, latent_dim))
     return out

@@ -4,17 +4,18 @@ Every labelled window is first predicted by each readout (the slow head, the kNN
 episodic memory, the schema / streaming LDA, and "pool": those three pooled with fixed
 prior weights, so that where they do better together than apart the ensemble keeps its
 gain), then learned. The record keeps, per readout,
-the exponentially discounted sum of its log-score ``log max(p_r(y), floor)`` on those
-windows and of its hits (argmax == label). The fusion weights are exponentially weighted
-averaging (Hedge, Vovk's aggregating algorithm with a learning rate) over that record::
+the exponentially discounted sum of its hits (argmax == label) on those windows and of its
+log-score ``log max(p_r(y), floor)``. The fusion weights are exponentially weighted
+averaging (Hedge) over one of them (``score``: "hit", the default, or "log")::
 
-    w_r  ∝  prior_r * exp(eta * (S_r - max_q S_q))         S_r = sum_t decay^(n-t) log p_r(y_t)
+    w_r  ∝  prior_r * exp(eta * (S_r - max_q S_q))        S_r = sum_t decay^(n-t) hit_r(t)
 
-With ``eta = 1`` and no discount this is the Bayesian mixture of the readouts: its log-loss
-stays within ``log(R)`` of the best readout's, whatever the data. ``eta < 1`` keeps more of
-the ensemble (measured in docs/benchmarks.md); the discount lets a readout that starts to
-do well (the head after a sleep consolidated new classes) win its say back. A readout
-with prior 0 is off for good.
+With the log-score, ``eta = 1`` and no discount this is the Bayesian mixture of the
+readouts (its log-loss within ``log(R)`` of the best readout's); measured, it favours the
+best-calibrated readout (the pool) over the most accurate one, so the default weighs hits:
+each window one readout gets right and another does not moves their weight ratio by e.
+The discount lets a readout that starts to do well (the head after a sleep consolidated
+new classes) win its say back. A readout with prior 0 is off for good.
 
 Pure arithmetic on a few floats: no lock of its own; `Learner` updates it under its write
 lock, and `weights()` reads one tuple that `update` replaces whole (safe for a concurrent
@@ -45,15 +46,15 @@ class _Record:
 class ReadoutTrust:
     """See the module docstring.
 
-    >>> t = ReadoutTrust(prior=(1, 1, 1), eta=1.0, decay=1.0, names=("a", "b", "c"))
+    >>> t = ReadoutTrust(prior=(1, 1, 1), eta=1.0, decay=1.0, names=("a", "b", "c"), score="log")
     >>> for _ in range(5):
     ...     t.update(np.array([0.1, 0.9, 0.5]), np.array([False, True, True]))
     >>> [round(w, 3) for w in t.weights().tolist()]
     [0.0, 0.95, 0.05]
     """
 
-    def __init__(self, prior=(1.0, 1.0, 1.0, 1.0), *, eta: float = 0.5, decay: float = 0.99,
-                 floor: float = 1e-3, names: tuple[str, ...] = READOUTS, score: str = "log"):
+    def __init__(self, prior=(1.0, 1.0, 1.0, 1.0), *, eta: float = 1.0, decay: float = 0.99,
+                 floor: float = 1e-3, names: tuple[str, ...] = READOUTS, score: str = "hit"):
         prior = np.asarray(prior, dtype=np.float64)
         if prior.shape != (len(names),) or not np.isfinite(prior).all() or (prior < 0).any() \
                 or prior.sum() <= 0:

@@ -52,7 +52,8 @@ CURRENT_NAME = "CURRENT"
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _DIR_RE = re.compile(r"^\d{6,20}$")
 _ARRAY_KINDS = "biufcSU"  # numbers, bools and fixed-width strings: all loadable without pickle
-_MAX_META_BYTES = 16 << 20
+_MAX_META_BYTES = 16 << 20  # load refuses a larger meta.json, so write refuses to make one
+MAX_CHECKPOINT_BYTES = 1 << 30
 
 FileSource = Callable[[Path], None] | str | os.PathLike
 
@@ -113,12 +114,14 @@ class CheckpointStore:
     (3, 8)
     """
 
-    def __init__(self, root: str | os.PathLike, *, keep: int = 3):
+    def __init__(self, root: str | os.PathLike, *, keep: int = 3,
+                 max_bytes: int = MAX_CHECKPOINT_BYTES):
         if keep < 2:
             raise StateError(f"keep={keep}: expected >= 2 (a fallback needs a previous checkpoint)")
         self.root = Path(root)
         self.checkpoints_dir = self.root / "checkpoints"
         self.keep = keep
+        self.max_bytes = max_bytes
         try:
             fsio.makedirs_private(self.checkpoints_dir)
         except OSError as exc:
@@ -163,15 +166,23 @@ class CheckpointStore:
         `files` maps a file name to a writer ``fn(path)`` that creates the file at `path`
         (e.g. ``lambda p: index.save_index(str(p))``) or to an existing file to copy.
         On failure (ENOSPC, EIO) raises `StateError`; the previous checkpoint stays CURRENT.
+        So does a checkpoint that would exceed `max_bytes` in total, or whose meta.json
+        would exceed what `load` reads (16 MiB): a checkpoint is never written that a
+        restart would refuse.
         """
         files = dict(files or {})
         info = dict(info or {})
         self._validate(arrays, files, info, wal_seq)
+        declared = sum(np.asarray(a).nbytes for a in arrays.values())
         number = max([*self.numbers(), self.current() or 0]) + 1
         final = self.path_of(number)
         tmp = self.checkpoints_dir / f".tmp-{number:06d}-{os.getpid()}"
         self._remove_temp_dirs()
         renamed = False
+        if declared > self.max_bytes:
+            raise StateError(f"cannot write checkpoint {final}: its arrays hold {declared} "
+                             f"bytes, more than max_bytes={self.max_bytes}; the previous "
+                             "checkpoint is still current")
         try:
             fsio.mkdir_private(tmp)
             table: dict[str, dict[str, Any]] = {}
@@ -186,7 +197,15 @@ class CheckpointStore:
                            for k, a in arrays.items()},
                 "extra_files": sorted(files), "files": table, "info": info,
             }
-            fsio.write_file_durable(tmp / META_NAME, encode_meta(meta))
+            raw_meta = encode_meta(meta)
+            total = sum(f["bytes"] for f in table.values()) + len(raw_meta)
+            if len(raw_meta) > _MAX_META_BYTES or total > self.max_bytes:
+                what = (f"{META_NAME} would be {len(raw_meta)} bytes, more than the "
+                        f"{_MAX_META_BYTES} a load reads" if len(raw_meta) > _MAX_META_BYTES
+                        else f"it would be {total} bytes, more than max_bytes={self.max_bytes}")
+                raise StateError(f"cannot write checkpoint {final}: {what}; the previous "
+                                 "checkpoint is still current")
+            fsio.write_file_durable(tmp / META_NAME, raw_meta)
             fsio.fsync_dir(tmp)
             os.rename(tmp, final)
             renamed = True

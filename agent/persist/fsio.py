@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import secrets
 from pathlib import Path
 
 from agent.errors import StateError
@@ -121,7 +122,9 @@ def replace_atomically(path: Path, data: bytes) -> None:
     Raises `StateError` (the old file is intact, the temp file removed) on failure
     before the rename.
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # Unique per call, not per process: two threads replacing the same file must never
+    # write (or rename) each other's half-written temp file.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(6)}")
     try:
         remove_if_exists(tmp)
         write_file_durable(tmp, data)

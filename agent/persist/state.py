@@ -33,7 +33,12 @@ import numpy as np
 
 from agent.errors import StateError
 from agent.persist import fsio
-from agent.persist.checkpoint import CheckpointStore, FileSource, LoadedCheckpoint
+from agent.persist.checkpoint import (
+    MAX_CHECKPOINT_BYTES,
+    CheckpointStore,
+    FileSource,
+    LoadedCheckpoint,
+)
 from agent.persist.wal import WriteAheadLog
 
 log = logging.getLogger("reverie.persist")
@@ -58,11 +63,13 @@ class StateDir:
     """A state directory; see the module doc. Thread-safe; one process at a time."""
 
     def __init__(self, root: str | os.PathLike, *, keep_checkpoints: int = 3, strict: bool = False,
-                 max_record_bytes: int = 16 << 20, max_segment_bytes: int = 16 << 20):
+                 max_record_bytes: int = 16 << 20, max_segment_bytes: int = 16 << 20,
+                 max_checkpoint_bytes: int = MAX_CHECKPOINT_BYTES):
         self.root = Path(root)
         self.strict = strict
         self._lock = threading.RLock()
         self._recovered = False
+        self._checkpoint_seq = 0       # the last record the newest checkpoint covers
         try:
             fsio.makedirs_private(self.root)
             self._lock_fd = fsio.open_lock(self.root / "LOCK")
@@ -74,7 +81,8 @@ class StateDir:
             os.close(self._lock_fd)
             raise StateError(f"{self.root} is in use by another process (LOCK is held)") from exc
         try:
-            self.store = CheckpointStore(self.root, keep=keep_checkpoints)
+            self.store = CheckpointStore(self.root, keep=keep_checkpoints,
+                                         max_bytes=max_checkpoint_bytes)
             self.wal = WriteAheadLog(self.root / "wal", max_record_bytes=max_record_bytes,
                                      max_segment_bytes=max_segment_bytes)
         except BaseException:
@@ -106,12 +114,19 @@ class StateDir:
             floor = max(self.store.covered_seqs().values(), default=0)
             self.wal.ensure_next_seq(floor + 1)
             self._recovered = True
+            self._checkpoint_seq = covered if not records else -1   # replayed: not covered
             return Recovery(ckpt, records, warnings)
 
     def log(self, payload: bytes, durable: bool = True) -> int:
         """Append one record; returns its seq. `durable`: fsynced before returning."""
         self._require_recovered()
         return self.wal.append(payload, durable=durable)
+
+    @property
+    def changed(self) -> bool:
+        """True when records were logged since the last checkpoint (or recovery replayed
+        some): a periodic checkpoint of an unchanged state would only copy it."""
+        return self.wal.last_seq != self._checkpoint_seq
 
     def sync(self) -> None:
         """Make records logged with ``durable=False`` durable."""
@@ -134,6 +149,7 @@ class StateDir:
                 raise StateError(f"wal_seq={covered} is beyond the last logged record "
                                  f"{self.wal.last_seq}")
             number = self.store.write(arrays, files, info, wal_seq=covered)
+            self._checkpoint_seq = covered
             try:
                 self.wal.rotate()
             except StateError as exc:  # the log stays valid in its current segment

@@ -97,3 +97,38 @@ def summary(R: np.ndarray) -> dict:
             "base_acc": round(float(R[T, 0]), 6),
             "base_forgetting": round(task_forgetting(R, 0), 6) if T > 0 else 0.0,
             "curve": [round(v, 6) for v in curve(R)]}
+
+
+def auroc(scores, positive) -> float | None:
+    """Area under the ROC curve of ``scores`` for telling the ``positive`` items (bool)
+    from the others, higher score = more positive: the probability that a random
+    positive outscores a random negative, ties counted half (the Mann-Whitney U over
+    ``n_pos * n_neg``). None when either side is empty; NaN scores raise ValueError.
+
+    >>> auroc([0.1, 0.4, 0.35, 0.8], [False, False, True, True])
+    0.75
+    >>> auroc([1.0, 1.0], [True, False])
+    0.5
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    pos = np.asarray(positive, dtype=bool).ravel()
+    if s.shape != pos.shape:
+        raise ValueError(f"{len(s)} scores for {len(pos)} labels")
+    if np.isnan(s).any():
+        raise ValueError("NaN score: AUROC needs comparable scores")
+    n_pos = int(pos.sum())
+    n_neg = len(s) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(s, kind="stable")
+    _, first, counts = np.unique(s[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(s))
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)    # 1-based, ties averaged
+    u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def mean_or_none(values) -> float | None:
+    """The mean of the values that are not None (None if there are none), rounded."""
+    vals = [v for v in values if v is not None]
+    return round(float(np.mean(vals)), 6) if vals else None

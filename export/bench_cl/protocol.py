@@ -12,7 +12,14 @@
    windows right after its 1st/5th/10th labelled window, before any sleep; after the
    task's stream a method that sleeps (reverie) sleeps, timed; then it is evaluated on
    the test windows of every class seen so far, giving row i of R (`run_method`).
-4. The joint upper bound: the same torch model trained offline on all classes.
+   Novelty: at the start of each task i >= 1, before any of its windows is learned, a
+   method with a novelty score (`Method.novelty`) scores the test windows of task i's
+   classes (novel) and of every class seen so far (known): AUROC, the fraction of novel
+   windows flagged and the false-alarm rate on known ones (`novelty_point`).
+   After the last task, a method with several readouts (reverie) reports each one's
+   accuracy on the same rows (`Method.readout_predictions`).
+4. The joint references, trained offline on all classes: the base bundle's recipe
+   (architecture and training config) and MiniRocket + ridge.
 
 Every method predicts among all the classes it has seen (class-incremental: no task id
 at test time). Everything is seeded by ``seed``; only wall times vary between runs (and
@@ -160,6 +167,19 @@ class Method:
         """Extra JSON fields (memory used, settings)."""
         return {}
 
+    # How `novelty` flags a window (for the JSON); "" for methods without a novelty score.
+    novelty_rule = ""
+
+    def novelty(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """Novelty of the test windows ``rows``: (scores (B,), higher = more novel; flags
+        (B,) bool or None when the method has no decision rule). None: no novelty score."""
+        return None
+
+    def readout_predictions(self, rows: np.ndarray) -> dict[str, np.ndarray] | None:
+        """Per readout, predictions (class indices, -1: none) on the test windows
+        ``rows``; None for a method with a single readout."""
+        return None
+
 
 class ReverieMethod(Method):
     """`agent.learner.Learner` on the base bundle, memory capacity = the budget (its
@@ -192,6 +212,27 @@ class ReverieMethod(Method):
     def predict(self, rows: np.ndarray) -> np.ndarray:
         preds = self.learner.predict_many(self.data.ds.X_test[rows])
         return np.array([self._index.get(p.label, -1) for p in preds], dtype=np.int64)
+
+    novelty_rule = ("the learner's own flag (Prediction.novelty) on its score "
+                    "(Prediction.novelty_score), from predict_many")
+
+    def novelty(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        preds = self.learner.predict_many(self.data.ds.X_test[rows])
+        return (np.array([p.novelty_score for p in preds], dtype=np.float64),
+                np.array([p.novelty for p in preds], dtype=bool))
+
+    def readout_predictions(self, rows: np.ndarray) -> dict[str, np.ndarray] | None:
+        if not hasattr(self.learner, "readout_probs"):
+            return None
+        probs = self.learner.readout_probs(self.data.ds.X_test[rows])      # name -> (B, K')
+        to_ds = np.array([self._index.get(c, -1) for c in self.learner.classes], dtype=np.int64)
+        out = {}
+        for name, p in probs.items():
+            pred = to_ds[p.argmax(axis=1)] if p.shape[1] else np.full(len(p), -1)
+            # a row of zeros (the readout knows nothing, or abstains) is no prediction
+            pred[p.max(axis=1, initial=0.0) <= 0] = -1
+            out[name] = pred
+        return out
 
     def sleep(self) -> dict | None:
         report = self.learner.sleep(self.data.config.sleep_budget_s)
@@ -246,6 +287,8 @@ METHODS = {
     "reverie_no_sleep": "reverie Learner without sleep (the fast system's share)",
     "ncm": "frozen latent + nearest class mean",
     "slda": "frozen latent + streaming LDA (Hayes & Kanan 2020)",
+    "minirocket_slda": "MiniRocket features (sktime, fitted on the base classes) projected to "
+                       "512 dims + streaming LDA",
     "finetune": "frozen encoder + the bundle's head fine-tuned naively on the stream (SGD)",
     "replay": "frozen encoder + head fine-tuned with experience replay (class-balanced "
               "buffer of M latents)",
@@ -255,24 +298,42 @@ METHODS = {
 }
 
 
+# Offline references trained on every class at once (not CL methods), reported beside
+# the joint upper bound (which always runs) under ``joint_references``.
+REFERENCES = {
+    "minirocket_ridge": "MiniRocket (sktime) on all classes' training windows + "
+                        "StandardScaler + RidgeClassifierCV",
+}
+
+
 def method_names(selected: tuple[str, ...] | None) -> list[str]:
-    """The methods to run, in table order; unknown names raise ConfigError. Without
-    `Learner.sleep`, ``reverie`` already runs without it and ``reverie_no_sleep`` is
-    dropped (the same run twice)."""
+    """The methods to run, in table order; unknown names raise ConfigError (a name of
+    `REFERENCES` is accepted and selects that reference, see `reference_names`).
+    Without `Learner.sleep`, ``reverie`` already runs without it and
+    ``reverie_no_sleep`` is dropped (the same run twice)."""
     if selected is not None:
-        unknown = [m for m in selected if m not in METHODS]
+        unknown = [m for m in selected if m not in METHODS and m not in REFERENCES]
         if unknown or not selected:
             raise ConfigError(f"--methods {','.join(selected)}: unknown {unknown} (known: "
-                              f"{', '.join(METHODS)})")
+                              f"{', '.join([*METHODS, *REFERENCES])})")
     names = [m for m in METHODS if selected is None or m in selected]
     if not sleep_available() and "reverie" in names and "reverie_no_sleep" in names:
         names.remove("reverie_no_sleep")
     return names
 
 
+def reference_names(selected: tuple[str, ...] | None) -> list[str]:
+    """The joint references to run: all by default, else those named in ``--methods``."""
+    return [r for r in REFERENCES if selected is None or r in selected]
+
+
 def build_method(name: str, data: StreamData) -> Method:
     if name in ("reverie", "reverie_no_sleep"):
         return ReverieMethod(data, sleep=name == "reverie")
+    if name.startswith("minirocket_"):
+        from export.bench_cl import minirocket
+
+        return minirocket.build(name, data)
     if name.startswith("river_"):
         from export.bench_cl import river_baselines
 
@@ -288,12 +349,48 @@ def sleep_available() -> bool:
     return hasattr(Learner, "sleep")
 
 
+def _seen_rows(ds: Dataset, split: Split, upto: int) -> np.ndarray:
+    """The test rows of tasks 0..upto."""
+    return np.flatnonzero(split.task_of_class[ds.y_test] <= upto)
+
+
+def _task_accuracies(pred: np.ndarray, rows: np.ndarray, ds: Dataset, split: Split,
+                     upto: int) -> list[float]:
+    """Accuracy of ``pred`` (on test ``rows``) on each task 0..upto's test windows."""
+    task_test = split.task_of_class[ds.y_test[rows]]
+    correct = pred == ds.y_test[rows]
+    return [float(correct[task_test == j].mean()) for j in range(upto + 1)]
+
+
 def _accuracies(method: Method, ds: Dataset, split: Split, upto: int) -> list[float]:
     """Row ``upto`` of R: accuracy on each task 0..upto's test windows."""
-    task_test = split.task_of_class[ds.y_test]
-    rows = np.flatnonzero(task_test <= upto)
-    correct = method.predict(rows) == ds.y_test[rows]
-    return [float(correct[task_test[rows] == j].mean()) for j in range(upto + 1)]
+    rows = _seen_rows(ds, split, upto)
+    return _task_accuracies(method.predict(rows), rows, ds, split, upto)
+
+
+def novelty_point(method: Method, ds: Dataset, split: Split, task: int) -> dict | None:
+    """Before task ``task`` is learned: how well the method's novelty score tells the
+    test windows of the task's classes (novel, positive) from those of every class seen
+    so far (known). None for a method without a novelty score."""
+    rows = _seen_rows(ds, split, task)
+    res = method.novelty(rows)
+    if res is None:
+        return None
+    scores, flags = res
+    novel = split.task_of_class[ds.y_test[rows]] == task
+    auc = metrics.auroc(scores, novel)
+    return {"task": task, "n_novel": int(novel.sum()), "n_known": int((~novel).sum()),
+            "auroc": None if auc is None else round(auc, 6),
+            "flag_rate": None if flags is None else round(float(flags[novel].mean()), 6),
+            "false_alarm_rate": None if flags is None else round(float(flags[~novel].mean()), 6)}
+
+
+def novelty_summary(points: list[dict], rule: str) -> dict:
+    """Per-task novelty points and their means (JSON-ready)."""
+    return {"auroc": metrics.mean_or_none(p["auroc"] for p in points),
+            "flag_rate": metrics.mean_or_none(p["flag_rate"] for p in points),
+            "false_alarm_rate": metrics.mean_or_none(p["false_alarm_rate"] for p in points),
+            "flags": rule or None, "per_task": points}
 
 
 def run_method(method: Method, ds: Dataset, split: Split, shots: tuple[int, ...],
@@ -306,7 +403,11 @@ def run_method(method: Method, ds: Dataset, split: Split, shots: tuple[int, ...]
     few: dict[int, dict[int, tuple[float, float]]] = {}
     learn_s: list[float] = []
     sleeps: list[dict] = []
+    novelty: list[dict] = []
     for i, order in enumerate(split.stream, start=1):
+        point = novelty_point(method, ds, split, i)       # before any window of task i
+        if point is not None:
+            novelty.append(point)
         counts: dict[int, int] = {}
         for r in order.tolist():
             t0 = time.perf_counter()
@@ -328,6 +429,12 @@ def run_method(method: Method, ds: Dataset, split: Split, shots: tuple[int, ...]
             f"mean accuracy over seen tasks {100 * np.mean(rows[-1]):.1f} %")
     R = metrics.accuracy_matrix(rows)
     out = {"description": method.description, "stored": method.stored, **metrics.summary(R)}
+    out["novelty"] = novelty_summary(novelty, method.novelty_rule) if novelty else None
+    final_rows = _seen_rows(ds, split, split.n_tasks)
+    readouts = method.readout_predictions(final_rows)
+    if readouts is not None:       # ACC of each readout on the last evaluation's rows
+        out["readouts"] = {name: round(float(np.mean(_task_accuracies(
+            pred, final_rows, ds, split, split.n_tasks))), 6) for name, pred in readouts.items()}
     out["few_shot"] = few_shot_summary(few, shots, ds.classes)
     out["time_per_window_us"] = round(1e6 * float(np.mean(learn_s)), 2)
     out["time_per_window_p50_us"] = round(1e6 * float(np.median(learn_s)), 2)

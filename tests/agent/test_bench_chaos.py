@@ -67,17 +67,25 @@ def test_targets_not_measured_below_200_cycles():
     assert row["met"] is False
 
 
+CI_CYCLES = 12     # every `make test`: ~3 s a cycle on 2 cores; 200 in `reverie bench chaos`
+
+
 def test_quick_crash_and_broker_campaigns(base_bundle, tmp_path, capsys):
-    """A few SIGKILL cycles and two broker restarts end to end (about 30 s): nothing
-    lost by the agent, nothing duplicated, no corrupt state, predictions resume."""
+    """The bounded chaos campaign of every run (about 50 s): CI_CYCLES SIGKILL cycles of
+    the real `reverie run` under a live stream of frames and labels, then two broker
+    restarts. Every label the broker accepted is learned exactly once, counted per label
+    key over every write-ahead log record (the audit of docs/reliability.md), no state is
+    corrupt, predictions resume after every restart."""
     from agent.cli import main
 
     out = tmp_path / "chaos.json"
-    code = main(["bench", "chaos", "--quick", "--cycles", "3", "--only", "crash,broker",
-                 "--bundle", str(base_bundle), "--json", str(out)])
+    code = main(["bench", "chaos", "--quick", "--cycles", str(CI_CYCLES), "--only",
+                 "crash,broker", "--bundle", str(base_bundle), "--json", str(out)])
     result = json.loads(out.read_text())
     crash, broker = result["campaigns"]["crash"], result["campaigns"]["broker"]
-    assert crash["cycles"] == 3 and crash["corrupt_states"] == 0
+    assert crash["cycles"] == CI_CYCLES and crash["corrupt_states"] == 0
+    assert sum(crash["kills_by_mode"].values()) == CI_CYCLES
+    assert crash["labels_accepted"] > CI_CYCLES       # labels flowed through the kills
     assert crash["labels_lost"] == 0 and crash["labels_duplicated"] == 0
     assert crash["audit"]["gaps"] == [] and crash["audit"]["n_stored_matches_log"]
     assert not crash["predictions_stalled"] and crash["sentinel_learned"]
@@ -86,4 +94,5 @@ def test_quick_crash_and_broker_campaigns(base_bundle, tmp_path, capsys):
     assert broker["lost_at_broker"]["term"] == 0       # SIGTERM: mosquitto kept them
     assert all(r["reconnect_s"] is not None for r in broker["outages"])
     assert "crash campaign" in capsys.readouterr().out
-    assert code in (0, 1)      # 1: a target was not met (the reconnect time is machine-bound)
+    # 1 exactly when a measured target was not met (the reconnect time is machine-bound)
+    assert code == (0 if all(t["met"] is not False for t in result["targets"]) else 1)

@@ -15,7 +15,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.bench.e2e.cli import Plan, plan_from_args, targets
+from agent.bench.e2e.cli import (
+    TARGET_IDLE_CPU_PCT,
+    TARGET_INGEST_PCT,
+    Plan,
+    plan_from_args,
+    targets,
+)
 from agent.bench.e2e.phases import drops
 from agent.bench.e2e.procs import cpu_seconds, parse_metrics, status_kb, system_busy
 from agent.errors import ConfigError
@@ -192,7 +198,10 @@ def test_quick_run_writes_a_complete_json(sim_bundle, tmp_path):
         assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
         assert row["daemon_p50_ms"] > 0
     idle = r["idle"]
-    assert idle["cpu_pct"] >= 0 and idle["seconds"] > 0
+    assert idle["seconds"] > 0
     assert idle["rss_mb"] > 0 and idle["after_load"]["rss_mb"] > 0
     assert r["gateway_after_load"]["rss_mb"] > 0
-    assert [t["met"] in (True, False, None) for t in r["targets"]] == [True] * len(r["targets"])
+    # each verdict follows its rule from this run's figures
+    first, *_, last = r["targets"]
+    assert first["met"] is (ingest["pct_of_ceiling"] >= TARGET_INGEST_PCT)
+    assert last["met"] is (idle["cpu_pct"] <= TARGET_IDLE_CPU_PCT)

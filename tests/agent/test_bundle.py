@@ -101,7 +101,7 @@ def test_a_missing_listed_file_is_refused(bundle):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda b: shutil.rmtree(b), "not a bundle directory"),
+    (lambda b: shutil.rmtree(b), "does not exist"),
     (lambda b: (b / "manifest.json").unlink(), "missing manifest.json"),
     (lambda b: (b / "manifest.json").write_text("{"), "not valid JSON"),
     (lambda b: (b / "manifest.json").write_text("[]"), "must be a JSON object"),

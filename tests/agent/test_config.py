@@ -436,12 +436,62 @@ def _cli_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("REVERIE_")}
 
 
-def test_reverie_config_check_prints_the_example_masked():
+def test_the_example_holds_placeholders_that_check_and_run_refuse_in_one_line(tmp_path):
     out = subprocess.run([str(REVERIE), "config", "check", str(EXAMPLE)], capture_output=True,
                          text=True, env=_cli_env(), cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    assert 'password = "***"' in out.stdout and "change-me" not in out.stdout
-    assert 'device_id = "+"' in out.stdout and "client id used: reverie-gateway" in out.stdout
+    assert out.returncode == 2 and out.stdout == "" and len(out.stderr.splitlines()) == 1
+    for key in ("agent.bundle='<BUNDLE_DIR>'", "agent.state_dir='<STATE_DIR>'",
+                "broker.url='<mqtt://HOST:PORT>'"):
+        assert key in out.stderr
+    run = subprocess.run([str(REVERIE), "run", "--config", str(EXAMPLE)], capture_output=True,
+                         text=True, env=_cli_env(), cwd=ROOT)
+    assert run.returncode == 2 and run.stderr == out.stderr.replace("reverie config:", "reverie run:")
+    # no credentials that look real
+    assert "change-me" not in EXAMPLE.read_text() and '\npassword = ' not in EXAMPLE.read_text()
+
+
+def test_a_placeholder_is_filled_by_a_flag_or_the_environment(tmp_path):
+    with pytest.raises(ConfigError, match=r"placeholder.*agent\.bundle='<BUNDLE_DIR>'"):
+        load_config(EXAMPLE, env={"REVERIE_BROKER_URL": "mqtt://h:1", "REVERIE_STATE_DIR": "s"})
+    cfg = load_config(EXAMPLE, env={"REVERIE_BROKER_URL": "mqtt://h:1"},
+                      overrides={"agent.bundle": "b", "agent.state_dir": "s"})
+    assert (cfg.bundle, cfg.broker.url.host) == (Path("b"), "h")
+    # only where a placeholder can stand: "<x>" is a fine password or prefix
+    cfg = _load_text(tmp_path, '[broker]\nusername = "u"\npassword = "<x>"\n')
+    assert cfg.broker.url.password == "<x>"
+
+
+def test_config_example_fills_in_its_flags_and_check_judges_the_paths(
+        sim_bundle, tmp_path, clean_env, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["config", "example", "--bundle", str(sim_bundle), "--broker",
+                 "mqtt://127.0.0.1:1884", "--state-dir", "st"]) == 0
+    text = capsys.readouterr().out
+    assert f'bundle = "{sim_bundle}"' in text and 'url = "mqtt://127.0.0.1:1884"' in text
+    assert f'state_dir = "{tmp_path / "st"}"' in text and not re.search(r'^\w+ = "<', text, re.M)
+    cfg = _write(tmp_path, text)
+    monkeypatch.setenv("REVERIE_BROKER_USERNAME", "u")
+    monkeypatch.setenv("REVERIE_BROKER_PASSWORD", "secret")
+    assert main(["config", "check", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert 'password = "***"' in out and "secret" not in out
+    assert 'device_id = "+"' in out and "client id used: reverie-gateway" in out
+    assert f"ok: agent.bundle = {sim_bundle} (bundle " in out and "hashes verified" in out
+    assert "ok: agent.state_dir" in out and "(will be created)" in out
+    assert "not checked: broker.url mqtt://u@127.0.0.1:1884: whether the broker is reachable" in out
+    # a missing public key, an unwritable state dir: one line each, exit 2
+    monkeypatch.setenv("REVERIE_PUBLIC_KEY", str(tmp_path / "release.pub"))
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    monkeypatch.setenv("REVERIE_STATE_DIR", str(ro / "state"))
+    assert main(["config", "check", str(cfg)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert f"reverie config check: error: agent.public_keys='{tmp_path}/release.pub': does " \
+           "not exist" in err
+    assert any(line.startswith("reverie config check: error: agent.bundle=") and
+               "not checked" in line for line in err)
+    if os.geteuid() != 0:   # root writes anywhere
+        assert any("agent.state_dir=" in line and "not writable" in line for line in err)
 
 
 def test_reverie_config_check_a_broken_file_exits_2_naming_the_key(tmp_path):
@@ -453,7 +503,11 @@ def test_reverie_config_check_a_broken_file_exits_2_naming_the_key(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_config_check_reads_the_environment_in_process(tmp_path, clean_env, monkeypatch, capsys):
+def test_config_check_reads_the_environment_in_process(sim_bundle, tmp_path, clean_env,
+                                                       monkeypatch, capsys):
+    for var, value in (("REVERIE_BUNDLE", str(sim_bundle)), ("REVERIE_BROKER", "mqtt://h:1"),
+                       ("REVERIE_STATE_DIR", str(tmp_path / "state"))):
+        monkeypatch.setenv(var, value)     # fill the example's placeholders
     monkeypatch.setenv("REVERIE_INGEST_QUEUE_SIZE", "0")
     assert main(["config", "check", str(EXAMPLE)]) == 2
     err = capsys.readouterr().err

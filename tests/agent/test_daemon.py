@@ -145,10 +145,8 @@ def test_run_process_sigterm_publishes_offline_and_health(sim_bundle, broker_url
             time.sleep(0.1)
         ok, detail = check_health(health, max_age_s=30)
         assert ok, detail
-        t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-        assert time.monotonic() - t0 < 10
+        assert proc.wait(timeout=10) == 0       # inside Docker's 10 s stop grace period
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -164,7 +162,7 @@ def test_run_refuses_a_missing_bundle_with_one_line(tmp_path, capsys):
 
     rc = main(["run", "--bundle", str(tmp_path / "nope"), "--device-id", "d"])
     err = capsys.readouterr().err
-    assert rc == 2 and "not a bundle directory" in err and "Traceback" not in err
+    assert rc == 2 and "nope: does not exist" in err and "Traceback" not in err
 
 
 def test_learner_predictions_carry_fusion_and_novelty(daemon, mqtt_collector, unique_device):
@@ -180,7 +178,12 @@ def test_learner_predictions_carry_fusion_and_novelty(daemon, mqtt_collector, un
         probe.publish(t.frames, encode_frame_binary(seq, ts, values), qos=0)
     probe.wait_for_count(2, topic=t.predictions, timeout_s=10)
     preds = _predictions(probe, t.predictions)
-    assert all(p["decided_by"] in ("slow", "agree", "fast") for p in preds)
+    # the same windows through the learner directly: the daemon reports its answer as is
+    learner = daemon.learner_for(unique_device)
+    x = np.stack([np.concatenate([v for _, _, v in frames[i:i + 4]]).T for i in (0, 4)])
+    direct = learner.predict_many(x.astype(np.float32))
+    assert [(p["label"], p["decided_by"]) for p in preds] == \
+        [(q.label, q.decided_by) for q in direct]
     assert preds[0]["novelty"] is False and preds[1]["novelty"] is True, preds
     ev = probe.wait_for_count(1, topic=t.events, timeout_s=5)[0].json()
     assert ev["type"] == "novelty" and ev["window"] == 1 and ev["score"] > 0

@@ -1,9 +1,9 @@
 """The daemon learning over a real broker: labels, commands, restarts, redelivery."""
 
 import json
+import threading
 import time
 
-import numpy as np
 import pytest
 
 from agent.config import IngestConfig, SleepSchedule
@@ -64,7 +64,7 @@ def test_labels_teach_a_new_class_and_predictions_show_it(make_daemon, mqtt_coll
     probe.wait_for(lambda ms: events(probe, t.events, "label"), timeout_s=10)
     ev = events(probe, t.events, "label")[0]
     assert ev["reason"] == "learned" and ev["id"] == "L1" and ev["windows"] == 12
-    assert ev["new_class"] is True and ev["stored"] >= 1
+    assert ev["new_class"] is True and ev["stored"] == 12   # a new class: every window kept
     probe.clear()
     send(probe, t.frames, stream("shake", 6, seq0=48, seed=7, ts0=2000.0))
     preds = [p.json() for p in probe.wait_for_count(6, topic=t.predictions, timeout_s=20)]
@@ -97,9 +97,12 @@ def test_a_label_for_a_window_yet_to_come_waits_for_it(make_daemon, mqtt_collect
                                                        unique_device):
     make_daemon(unique_device, ingest=IngestConfig(label_wait_s=10))
     t = Topics(unique_device)
-    probe = mqtt_collector(t.events)
+    probe = mqtt_collector(t.events, t.replies)
     probe.publish(t.labels, json.dumps({"id": "early", "label": "shake", "window": 1}), qos=1)
-    time.sleep(0.3)
+    # the worker takes labels and commands in order: once this is answered, the label was
+    # handled, and it must be waiting (no event yet)
+    probe.publish(t.cmd, json.dumps({"id": "after", "cmd": "status"}), qos=1)
+    probe.wait_for_count(1, topic=t.replies, timeout_s=10)
     assert not events(probe, t.events)
     send(probe, t.frames, stream("shake", 2))
     probe.wait_for(lambda ms: events(probe, t.events, "label"), timeout_s=10)
@@ -163,15 +166,19 @@ def test_commands_status_snapshot_sleep_and_rollback(make_daemon, mqtt_collector
     st = command({"id": "c1", "cmd": "status"})
     assert st["ok"] and st["id"] == "c1" and "shake" in st["status"]["classes"]
     snap = command({"id": "c2", "cmd": "snapshot"})
-    assert snap["ok"] and snap["checkpoints"][unique_device] >= 1
+    assert snap["ok"] and snap["checkpoints"] == {unique_device: 1}, snap   # the first
     assert (tmp_path / "state" / "windows.npz").exists()
-    sl = command({"id": "c3", "cmd": "sleep", "budget_s": 5})
+    sl = command({"id": "c3", "cmd": "sleep", "budget_s": 60})
     assert sl["ok"] and sl["scheduled"]
     probe.wait_for(lambda ms: [e for e in events(probe, t.events, "sleep")
                                if e["reason"] != "started"], timeout_s=30)
     report = [e for e in events(probe, t.events, "sleep") if e["reason"] != "started"][0]
-    assert report["reason"] in ("accepted", "rolled_back"), report
+    # a seeded learner on seeded data: the sleep's gate passes (it replays all its samples
+    # well inside the budget)
+    assert report["reason"] == "accepted", report
+    assert report["report"]["adapter_version"] == 1
     version = d.learner_for(unique_device).adapted_head.version
+    assert version == 1
     rb = command({"id": "c4", "cmd": "rollback", "to_version": 0})
     assert rb["ok"] and rb["adapter_version"] == 0, rb
     bad = command({"id": "c5", "cmd": "rollback", "to_version": version + 5})
@@ -235,10 +242,23 @@ def test_gateway_per_device_learners_learn_separately(make_daemon, mqtt_collecto
     assert (tmp_path / "s" / "devices" / "a").is_dir()
 
 
-def test_sleep_runs_off_the_ingest_path(make_daemon, mqtt_collector, unique_device):
-    """Predictions keep flowing while a sleep runs; an idle sleep is preempted by data."""
+def test_sleep_runs_off_the_ingest_path(make_daemon, mqtt_collector, unique_device,
+                                        monkeypatch):
+    """Predictions keep flowing while a sleep runs; an idle sleep is preempted by data.
+
+    The learner's sleep is held until its stop event is set, so the sleep is still running
+    when the data returns, whatever the machine's speed: only the daemon acting on the
+    scheduler's "stop" decision ends it."""
     d = make_daemon(unique_device, sleep=SleepSchedule(idle_after_s=0.5, min_interval_s=0.1,
-                                                      budget_s=20, max_duration_s=30))
+                                                      budget_s=20, max_duration_s=60))
+    learner = d.learner_for(unique_device)
+    real_sleep = learner.sleep
+
+    def sleep_until_stopped(budget_s, stop_event):
+        stop_event.wait(60)
+        return real_sleep(budget_s=budget_s, stop_event=stop_event)
+
+    monkeypatch.setattr(learner, "sleep", sleep_until_stopped)
     t = Topics(unique_device)
     probe = mqtt_collector(t.predictions, t.events)
     send(probe, t.frames, stream("shake", 10))
@@ -249,12 +269,14 @@ def test_sleep_runs_off_the_ingest_path(make_daemon, mqtt_collector, unique_devi
                                if e["reason"] == "started"], timeout_s=20)
     probe.clear()
     send(probe, t.frames, stream("idle", 2, seq0=40))
-    probe.wait_for_count(2, topic=t.predictions, timeout_s=10)
+    probe.wait_for_count(2, topic=t.predictions, timeout_s=10)    # served while sleeping
     probe.wait_for(lambda ms: events(probe, t.events, "sleep"), timeout_s=20)
-    assert d.metrics.sleeps.value(outcome="preempted") + \
-        d.metrics.sleeps.value(outcome="accepted") + \
-        d.metrics.sleeps.value(outcome="rolled_back") >= 1
-    assert np.isfinite(d.metrics.frame_to_prediction_seconds.sum())
+    assert [e["reason"] for e in events(probe, t.events, "sleep")] == ["preempted"]
+    assert d.metrics.sleeps.value(outcome="preempted") == 1
+    assert d.metrics.sleeps.value(outcome="accepted") == 0
+    assert d.metrics.sleeps.value(outcome="rolled_back") == 0
+    assert d.scheduler.stats()["stops"] == {"frames": 1}
+    assert learner.adapted_head.version == 0
 
 
 def test_a_broker_restart_is_survived(base_bundle, mqtt_collector, unique_device, tmp_path,
@@ -281,7 +303,7 @@ def test_a_broker_restart_is_survived(base_bundle, mqtt_collector, unique_device
             probe.wait_for_count(2, topic=t.predictions, timeout_s=10)
             probe.publish(t.labels, json.dumps({"id": "r", "label": "walk", "window": 2}), qos=1)
             probe.wait_for(lambda ms: events(probe, t.events, "label"), timeout_s=10)
-            assert d.metrics.reconnects.value() >= 1
+            assert d.metrics.reconnects.value() == 1
         finally:
             d.stop()
 
@@ -332,15 +354,19 @@ def test_state_changing_commands_only_on_allowed_topics_and_signed(
         return probe.wait_for_count(1, topic=t.replies, timeout_s=10)[0].json()
 
     assert command(dev, {"id": "s", "cmd": "status"})["ok"]
-    r = command(dev, sign_command({"id": "a", "cmd": "snapshot", "ts": time.time()}, key))
+    r = command(dev, sign_command({"id": "a", "cmd": "snapshot"}, key, topic=dev.cmd,
+                                  agent="gateway"))
     assert not r["ok"] and r["reason"] == "not_authorized" and "agent's own topic" in r["error"]
     r = command(gw, {"id": "b", "cmd": "snapshot"})
     assert not r["ok"] and "must be signed" in r["error"]
-    r = command(gw, sign_command({"id": "c", "cmd": "snapshot", "ts": time.time()}, b"x" * 32))
+    r = command(gw, sign_command({"id": "c", "cmd": "snapshot"}, b"x" * 32, topic=gw.cmd,
+                                 agent="gateway"))
     assert not r["ok"] and "bad signature" in r["error"]
-    r = command(gw, sign_command({"id": "d", "cmd": "snapshot", "ts": time.time() - 3600}, key))
+    r = command(gw, sign_command({"id": "d", "cmd": "snapshot", "ts": time.time() - 3600}, key,
+                                 topic=gw.cmd, agent="gateway"))
     assert not r["ok"] and "off the agent's clock" in r["error"]
-    r = command(gw, sign_command({"id": "e", "cmd": "snapshot", "ts": time.time()}, key))
+    r = command(gw, sign_command({"id": "e", "cmd": "snapshot"}, key, topic=gw.cmd,
+                                 agent="gateway"))
     assert r["ok"], r
 
 
@@ -364,3 +390,123 @@ def test_state_files_are_owner_only(make_daemon, mqtt_collector, unique_device, 
     loose = [(str(p.relative_to(state)), oct(stat.S_IMODE(p.stat().st_mode)))
              for p in [state, *paths] if stat.S_IMODE(p.stat().st_mode) & 0o077]
     assert not loose, f"group/other can access: {loose}"
+
+
+def _record_acks(d, log: list) -> None:
+    """Append ("ack", "mid N") to `log` for every PUBACK the daemon sends."""
+    real = d._client.ack
+
+    def ack(mid, qos):
+        log.append(("ack", f"mid {mid}"))
+        return real(mid, qos)
+
+    d._client.ack = ack
+
+
+def _inline_label(id_: str, cls: str = "shake", seed: int = 3) -> str:
+    return json.dumps({"id": id_, "label": cls,
+                       "values": SignalGenerator(seed).window(cls, 128).tolist()})
+
+
+def test_a_label_is_acknowledged_only_after_its_log_record_is_fsynced(
+        make_daemon, mqtt_collector, unique_device, tmp_path, faulty_disk):
+    """PUBACK after fsync: a SIGKILL cannot tell a missing fsync (the page cache survives
+    it), so the order of write, fsync and PUBACK is traced at the system calls."""
+    d = make_daemon(unique_device, state_dir=tmp_path / "state", checkpoint_interval_s=3600)
+    t = Topics(unique_device)
+    probe = mqtt_collector(t.events)
+    disk = faulty_disk(what=("write", "fsync"), match="/wal/", trace=True)
+    _record_acks(d, disk.trace)
+    probe.publish(t.labels, _inline_label("f1"), qos=1)
+    probe.wait_for(lambda ms: events(probe, t.events, "label"), timeout_s=10)
+    wal = tmp_path / "state" / "wal"
+    kinds = [(kind, path.startswith(str(wal))) for kind, path in disk.trace]
+    assert kinds == [("write", True), ("fsync", True), ("ack", False)], disk.trace
+    assert disk.trace[0][1] == disk.trace[1][1]          # the record's own file
+
+
+def test_a_label_whose_learning_failed_is_retried_not_acknowledged(
+        make_daemon, mqtt_collector, unique_device, tmp_path, faulty_disk, monkeypatch):
+    """Disk full while learning: `learn_failed` events, no PUBACK, retried until space is
+    back, then learned once and acknowledged once."""
+    monkeypatch.setattr("agent.worker.LEARN_RETRY_S", 0.1)
+    state = tmp_path / "state"
+    d = make_daemon(unique_device, state_dir=state, checkpoint_interval_s=3600)
+    t = Topics(unique_device)
+    probe = mqtt_collector(t.events)
+    acks: list = []
+    _record_acks(d, acks)
+    disk = faulty_disk(match="/wal/")
+    disk.full = True
+    probe.publish(t.labels, _inline_label("full"), qos=1)
+    failed = lambda: [e for e in events(probe, t.events, "error")   # noqa: E731
+                      if e["reason"] == "learn_failed"]
+    probe.wait_for(lambda ms: len(failed()) >= 2, timeout_s=10)    # failed, then retried
+    assert "No space left on device" in failed()[0]["detail"]
+    assert acks == []
+    assert not events(probe, t.events, "label")
+    disk.full = False
+    probe.wait_for(lambda ms: events(probe, t.events, "label"), timeout_s=10)
+    assert [e["reason"] for e in events(probe, t.events, "label")] == ["learned"]
+    assert len(acks) == 1
+    assert d.learner_for(unique_device).seen(f"{unique_device}/full")
+
+
+def test_a_redelivered_command_is_answered_from_the_cache_not_run_again(
+        make_daemon, mqtt_collector, unique_device, tmp_path):
+    d = make_daemon(unique_device, state_dir=tmp_path / "state", checkpoint_interval_s=3600)
+    t = Topics(unique_device)
+    probe = mqtt_collector(t.events, t.replies)
+    probe.publish(t.labels, _inline_label("c"), qos=1)
+    probe.wait_for(lambda ms: events(probe, t.events, "label"), timeout_s=10)
+    learner = d.learner_for(unique_device)
+    calls = []
+    real = learner.checkpoint
+
+    def checkpoint():
+        calls.append(1)
+        return real()
+
+    learner.checkpoint = checkpoint
+    body = json.dumps({"id": "snap-1", "cmd": "snapshot"})
+    probe.publish(t.cmd, body, qos=1)
+    first = probe.wait_for_count(1, topic=t.replies, timeout_s=10)[0].json()
+    probe.publish(t.cmd, body, qos=1)                   # the same command id again
+    second = probe.wait_for_count(2, topic=t.replies, timeout_s=10)[1].json()
+    assert first["ok"] is True and "duplicate" not in first
+    assert second["duplicate"] is True
+    assert second["checkpoints"] == first["checkpoints"]
+    assert len(calls) == 1
+
+
+def test_the_frame_queue_is_bounded_and_counts_what_it_drops(
+        base_bundle, broker_url, broker, mqtt_collector, unique_device):
+    """A worker that does not keep up: the queue holds `ingest.queue_size` frames, the
+    rest are dropped and counted `queue_full` (never a growing queue)."""
+    d = Daemon(agent_config(base_bundle, broker_url, unique_device, broker.protocols[-1],
+                            ingest=IngestConfig(queue_size=4)))
+    d._worker = threading.Thread(target=lambda: None)      # nobody takes frames
+    d.start()
+    try:
+        assert d.wait_connected(10)
+        t = Topics(unique_device)
+        probe = mqtt_collector()
+        send(probe, t.frames, stream("idle", 3))             # 12 frames
+        received = d.metrics.messages_received
+        assert _wait_until(lambda: received.value(kind="frames") == 12)
+        assert d._frames.qsize() == 4
+        assert d.metrics.dropped.value(reason="queue_full") == 8
+    finally:
+        while not d._frames.empty():
+            d._frames.get_nowait()
+        d.stop()
+
+
+def _wait_until(predicate, timeout_s: float = 10.0) -> bool:
+    """Poll `predicate` (a counter another thread bumps) until it holds, or time out."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

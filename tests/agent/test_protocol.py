@@ -127,3 +127,24 @@ def test_outbound_payloads_are_json():
     assert json.loads(encode_status(state="offline"))["state"] == "offline"
     with pytest.raises(ValueError, match="Invalid status state"):
         encode_status(state="asleep")
+
+
+def test_binary_frame_bytes_match_the_documented_layout():
+    """docs/protocol.md "Binary": little-endian, offsets 0/2/3/4/12/20/22/24. Written out
+    byte by byte, so an encoder and decoder that change endianness together still fail."""
+    values = np.array([[1.0, -2.0, 0.5]], np.float32)                 # (1 sample, 3 channels)
+    got = encode_frame_binary(0x0102030405060708, 1.5, values)
+    want = (b"RV"                                                    # 0: magic
+            + bytes([1])                                             # 2: version
+            + bytes([0])                                             # 3: flags
+            + bytes([0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01])  # 4: seq, uint64 LE
+            + bytes([0, 0, 0, 0, 0, 0, 0xF8, 0x3F])                  # 12: ts 1.5, float64 LE
+            + bytes([1, 0])                                          # 20: n_samples, uint16 LE
+            + bytes([3, 0])                                          # 22: n_channels
+            + bytes([0, 0, 0x80, 0x3F])                              # 24: 1.0, float32 LE
+            + bytes([0, 0, 0, 0xC0])                                 #     -2.0
+            + bytes([0, 0, 0, 0x3F]))                                #     0.5
+    assert got == want
+    frame = decode_frame(want)
+    assert frame.seq == 0x0102030405060708 and frame.ts == 1.5
+    assert frame.values.tolist() == values.tolist()

@@ -192,7 +192,7 @@ def test_unit_is_a_notify_service_with_watchdog():
     assert "/var/lib/reverie" in svc["ReadWritePaths"].split()
     assert "network-online.target" in unit["Unit"]["After"]
     assert "network-online.target" in unit["Unit"]["Wants"]
-    assert "Environment=NUMBA_CACHE_DIR=/var/cache/reverie/numba" in UNIT.read_text()
+    assert "Environment=NUMBA_CACHE_DIR=/opt/reverie/numba-cache" in UNIT.read_text()
     assert unit["Install"]["WantedBy"] == "multi-user.target"
 
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from agent.windowing import (
     RESTART_BACKSTEP,
+    RESTART_TS_SLACK_S,
     RESTART_ZERO_AFTER,
     DeviceWindows,
     WindowBuffer,
@@ -229,6 +230,45 @@ def test_seq_zero_early_in_a_stream_is_a_duplicate():
         wb.push(s, 0, _one())
     assert wb.push(0, 0, _one()) == []
     assert (wb.counters.duplicates, wb.counters.restarts) == (1, 0)
+
+
+PERIOD_S = 0.32    # 16 samples at 50 Hz, the simulator's frame
+
+
+def _run(wb, seqs, t0):
+    """Push frames `seqs` stamped like a device started at `t0`; the windows made."""
+    return [w for s in seqs for w in wb.push(s, t0 + s * PERIOD_S, _one())]
+
+
+def test_a_rerun_short_stream_is_a_restart_by_its_timestamps():
+    # issue 17: a 6 s `reverie sim` run again: seq 0.. again, below RESTART_ZERO_AFTER,
+    # but stamped later: taken at once, not dropped as duplicates until seq 19
+    wb = WindowBuffer(n_channels=1, window=2, hop=2)
+    t0 = 1.7e9
+    first = _run(wb, range(19), t0)
+    again = _run(wb, range(19), t0 + 8.0)
+    assert len(again) == len(first) and wb.counters.duplicates == 0
+    assert wb.counters.restarts == 1 and wb.last_seq == 18
+    # a re-run faster than real time (its stamps run ahead of the wall clock), restarted
+    # before the old stream's last stamp: still off the old time line
+    wb = WindowBuffer(n_channels=1, window=2, hop=2)
+    _run(wb, range(25), t0)                         # stamps t0 .. t0 + 7.7
+    fresh = _run(WindowBuffer(n_channels=1, window=2, hop=2), range(10), t0)
+    assert len(_run(wb, range(10), t0 + 2.0)) == len(fresh)  # before t0 + 7.7, off the line
+    assert (wb.counters.restarts, wb.counters.duplicates) == (1, 0)
+
+
+def test_stale_copies_on_the_time_line_stay_duplicates():
+    wb = WindowBuffer(n_channels=1, window=2, hop=2)
+    t0 = 1.7e9
+    _run(wb, range(20), t0)
+    for s in (0, 5, 19):                        # redelivered copies: their own stamps
+        assert _run(wb, [s], t0) == []
+    near = t0 + 3 * PERIOD_S + RESTART_TS_SLACK_S / 2   # jitter within the slack
+    assert wb.push(3, near, _one()) == []
+    assert (wb.counters.duplicates, wb.counters.restarts) == (4, 0)
+    assert len(wb.push(4, t0 + 4 * PERIOD_S + 2 * RESTART_TS_SLACK_S, _one())) == 1  # restart
+    assert wb.counters.restarts == 1 and wb.last_seq == 4
 
 
 def test_full_uint64_seq_range():

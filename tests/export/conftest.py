@@ -55,8 +55,10 @@ def digits_bundle(tmp_path_factory, digits_npz) -> Path:
 def synthetic_bundle(tmp_path_factory, synthetic_npz) -> Path:
     from export import train_bundle
 
+    # cnn1d, not the (C, T) default (minirocket, tests/export/test_minirocket.py): the
+    # quantization and latency tests use it for the trained conv encoder's int8 path.
     return train_bundle(synthetic_npz, tmp_path_factory.mktemp("bundles") / "synthetic",
-                        epochs=12, verbose=False)
+                        epochs=12, arch="cnn1d", verbose=False)
 
 
 BASE_DIGITS = 5

@@ -9,7 +9,7 @@ from export.model import ArchConfig, build_model, normalization_stats
 
 
 def test_arch_is_chosen_from_the_data_shape():
-    assert ArchConfig.for_data((6, 128), 3).arch == "cnn1d"
+    assert ArchConfig.for_data((6, 128), 3).arch == "minirocket"  # issue 12 (was cnn1d)
     assert ArchConfig.for_data((64,), 10).arch == "mlp"
     assert ArchConfig.for_data((6, 128), 3, arch="mlp").arch == "mlp"
 
@@ -63,9 +63,10 @@ def test_model_maps_raw_inputs_to_logits_through_an_explicit_latent(shape, arch,
 
 def test_split_names_resolve_per_arch():
     assert ArchConfig.for_data((64,), 3).split == 1            # default: early
-    assert ArchConfig.for_data((6, 32), 3).split == 0
-    assert ArchConfig.for_data((6, 32), 3, split="late").split == 2
-    assert ArchConfig.for_data((6, 32), 3, split="1").split == 1
+    assert ArchConfig.for_data((6, 32), 3, "cnn1d").split == 0
+    assert ArchConfig.for_data((6, 32), 3, "cnn1d", split="late").split == 2
+    assert ArchConfig.for_data((6, 32), 3, "cnn1d", split="1").split == 1
+    assert ArchConfig.for_data((6, 32), 3, split="late").split == 1  # minirocket: (128,)
 
 
 def test_normalization_is_per_channel_for_windows_and_baked_in():

@@ -220,7 +220,6 @@ def test_interleaved_times_gives_every_function_the_same_inputs():
     times = interleaved_times(fns, xs, iterations=23, block=5, warmup=2)
     assert {k: len(v) for k, v in times.items()} == {"a": 23, "b": 23, "c": 23}
     assert seen["a"] == seen["b"] == seen["c"]
-    assert all(t >= 0 for v in times.values() for t in v)
 
 
 def test_bench_latency_end_to_end(capsys, synthetic_bundle, synthetic_int8, synthetic_npz,

@@ -93,7 +93,7 @@ def test_classes_in_a_given_order_and_late_split_via_the_cli(capsys, synthetic_n
     out = tmp_path / "b"
     rc, stdout, err = run(capsys, "train", "--data", str(synthetic_npz), "--out", str(out),
                           "--classes", "walk, idle,shake", "--split", "late", "--epochs", "2",
-                          "--quiet")
+                          "--arch", "cnn1d", "--quiet")  # (C, T) default is minirocket since issue 12
     assert rc == 0, err
     m = load_bundle(out).manifest
     assert m["classes"] == ["walk", "idle", "shake"]

@@ -1,7 +1,6 @@
 """Replay: an NPZ dataset streamed as one device's frames, with labels through the oracle."""
 
 import json
-import time
 import uuid
 
 import numpy as np
@@ -145,13 +144,16 @@ def test_replay_over_the_broker_teaches_the_agent(sim_bundle, broker_url, broker
         # the replay returned once it published; the probe receives asynchronously
         frames = probe.wait_for_count(4 * 128 // 32, topic=f"{prefix}/rec-1/frames",
                                       timeout_s=10)
-        probe.wait_for(lambda ms: any(m.topic.endswith("/labels") for m in ms), timeout_s=10)
-        time.sleep(0.5)                               # the last label, if any, is on its way
+        assert len(frames) == 4 * 128 // 32
+
+        def every_window_learned(ms):      # and every label the probe saw has its event
+            sent_ids = {m.json()["id"] for m in ms if m.topic.endswith("/labels")}
+            done = [m.json() for m in ms if m.topic.endswith("/events")
+                    and m.json()["type"] == "label"]
+            return sum(e["windows"] for e in done) == 4 and {e["id"] for e in done} == sent_ids
+
+        probe.wait_for(every_window_learned, timeout_s=20)
         sent = [m.json() for m in probe.messages if m.topic.endswith("/labels")]
-        assert len(frames) == 4 * 128 // 32 and sent
-        probe.wait_for(lambda ms: len([m for m in ms if m.topic.endswith("/events")
-                                       and m.json()["type"] == "label"]) == len(sent),
-                       timeout_s=20)
         events = [m.json() for m in probe.messages if m.topic.endswith("/events")]
         learned = [e for e in events if e["type"] == "label"]
         assert {e["id"] for e in learned} == {p["id"] for p in sent}

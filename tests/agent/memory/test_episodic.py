@@ -306,19 +306,20 @@ def test_config_validated(kwargs):
 
 
 def test_exact_fallback_when_hnswlib_cannot_fill_k():
-    class Refusing:   # hnswlib raises this when it finds fewer than k live nodes
-        def knn_query(self, *a, **kw):
-            raise RuntimeError("Cannot return the results in a contiguous 2D array")
-
-    mem = make()
-    rng = np.random.default_rng(1)
-    fill(mem, rng.standard_normal((30, 8)).astype(np.float32), np.zeros(30, int), rng)
+    # A sparse graph (M=2) leaves nodes unreachable from the entry point: the real hnswlib
+    # then raises RuntimeError for k = every episode, and the memory answers exactly.
+    mem = make(M=2, ef_construction=2, ef_search=1)
+    rng = np.random.default_rng(0)
+    fill(mem, rng.standard_normal((50, 8)).astype(np.float32), np.zeros(50, int), rng)
     q = rng.standard_normal((1, 8)).astype(np.float32)
-    want_ids, want_d = exact_knn(mem, q, 5)
-    mem._index = Refusing()
-    ids, d = mem.query(q[0], 5)
+    with pytest.raises(RuntimeError, match="contiguous 2D array"):
+        mem._index.knn_query(q, k=50, num_threads=1)      # the case under test happens
+    want_ids, want_d = exact_knn(mem, q, 50)
+    ids, d = mem.query(q[0], 50)
     np.testing.assert_array_equal(ids, want_ids[0])
     np.testing.assert_allclose(d, want_d[0], atol=1e-3)   # latents stored as float16
+    labels, dist = mem.neighbours(q, 50)
+    np.testing.assert_allclose(dist[0], want_d[0], atol=1e-3)
 
 
 def test_concurrent_adds_and_queries():

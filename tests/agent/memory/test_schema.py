@@ -191,18 +191,30 @@ def test_distance_matches_the_obvious_mahalanobis():
     assert np.isinf(SchemaReadout(dim=4).distance(Q)).all()
 
 
-def test_leave_one_out_distance_is_the_distance_to_the_mean_of_the_others():
+def test_leave_one_out_distances_match_refitting_without_the_latent():
+    """The exact leave-one-out (Sherman-Morrison) against the obvious: drop the latent from
+    its class, recompute means and scatter, invert with the same ridge, measure."""
     rng = np.random.default_rng(6)
-    s = SchemaReadout(dim=3)
-    X = rng.standard_normal((12, 3))
+    d = 3
+    s = SchemaReadout(dim=d)
+    X = rng.standard_normal((12, d))
     y = np.array([0] * 5 + [1] * 6 + [2])
-    for x, c in zip(X, y, strict=True):
-        s.observe(x + 2 * c, int(c))
+    Xs = X + 2 * y[:, None]
+    for x, c in zip(Xs, y, strict=True):
+        s.observe(x, int(c))
     s.refresh()
-    seen, d2 = s.class_distances(X + 2 * y[:, None], leave_out=y)
-    dof = s.counts_.sum() - len(seen)
-    for i in range(5):                      # class 0: the mean of the other four
-        mu = np.delete(X[:5], i, axis=0).mean(axis=0)
-        want = dof * (X[i] - mu) @ s.precision_ @ (X[i] - mu) / 3
-        assert d2[i, 0] == pytest.approx(want, rel=1e-9)
+    lam = s.shrinkage * np.trace(s.scatter_) / d
+    seen, d2 = s.class_distances(Xs, leave_out=y)
+    for i in range(11):
+        keep = np.arange(12) != i
+        means = {c: Xs[keep & (y == c)].mean(axis=0) for c in (0, 1, 2)}
+        A = sum((Xs[keep & (y == c)] - means[c]).T @ (Xs[keep & (y == c)] - means[c])
+                for c in (0, 1, 2))
+        P = np.linalg.inv(A + lam * np.eye(d))
+        dof = 12 - 3 - 1
+        want = [dof * (Xs[i] - means[c]) @ P @ (Xs[i] - means[c]) / d for c in (0, 1, 2)]
+        np.testing.assert_allclose(d2[i], want, rtol=1e-8)
     assert np.isinf(d2[11, 2])              # a class of one has no mean without it
+    _, plain = s.class_distances(Xs)
+    own = np.arange(11), y[:11]
+    assert (d2[own] > plain[own]).all()     # to its own class, a seen latent looks closer

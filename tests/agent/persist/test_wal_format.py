@@ -1,5 +1,8 @@
 """Framing properties of the write-ahead log, on bytes (no file system)."""
 
+import json
+import struct
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -139,3 +142,40 @@ def test_decode_record_refuses_object_and_lying_specs():
         decode_record(good.replace(b'"<f4"', b'"|O8"'))
     with pytest.raises(StateError, match="plain JSON"):
         encode_record({"x": float("nan")})
+
+
+def _raw(header, body: bytes = b"", magic: bytes = b"RVR1") -> bytes:
+    """A record payload built by hand: magic, header length, JSON header, array bytes."""
+    h = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<4sI", magic, len(h)) + h + body
+
+
+F4 = np.arange(2, dtype="<f4").tobytes()          # 8 bytes: two float32
+
+
+@pytest.mark.parametrize("payload, match", [
+    (b"RVR", r"too short \(3 bytes\)"),
+    (struct.pack("<4sI", b"RVR1", 0), "not valid JSON"),          # 8 bytes: long enough
+    (_raw({"meta": {}, "arrays": []}, magic=b"XXXX"), "bad magic b'XXXX'"),
+    (struct.pack("<4sI", b"RVR1", 999) + b"{}", "header length 999"),
+    (_raw(b"{"), "not valid JSON"),
+    (_raw({"meta": [], "arrays": []}), "'meta' object and an 'arrays' list"),
+    (_raw({"meta": {}, "arrays": {}}), "'meta' object and an 'arrays' list"),
+    (_raw({"meta": {}, "arrays": [["x", "<f4"]]}), r"spec \['x', '<f4'\] is malformed"),
+    (_raw({"meta": {}, "arrays": [["x", "|O8", [1], 8]]}, F4), "'x': unsupported dtype"),
+    (_raw({"meta": {}, "arrays": [["x", "<f4", [-1], 0]]}), r"shape \(-1,\)"),
+    (_raw({"meta": {}, "arrays": [["x", "<f4", [2], 4]]}, F4[:4]), "4 bytes do not fit"),
+    (_raw({"meta": {}, "arrays": [["x", "<f4", [2], 8]]}, F4[:4]), "8 bytes do not fit"),
+    (_raw({"meta": {}, "arrays": [["x", "<f4", [2], 8]]}, F4 + b"\0"), "has 1 trailing bytes"),
+], ids=["short", "empty-header", "magic", "header-length", "json", "meta", "arrays", "spec",
+        "dtype", "negative-dim", "nbytes", "beyond-payload", "trailing"])
+def test_decode_record_refuses_each_malformation_naming_it(payload, match):
+    with pytest.raises(StateError, match=match):
+        decode_record(payload)
+
+
+def test_decode_record_takes_hand_built_records_and_empty_arrays():
+    meta, arrays = decode_record(_raw({"meta": {"k": 1}, "arrays": [
+        ["x", "<f4", [2], 8], ["e", "<i8", [0, 3], 0]]}, F4))
+    assert meta == {"k": 1}
+    assert arrays["x"].tolist() == [0.0, 1.0] and arrays["e"].shape == (0, 3)

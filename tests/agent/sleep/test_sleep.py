@@ -3,7 +3,6 @@ validation gate's rollback, preemption, scheduled forgetting, persistence across
 
 import json
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -57,7 +56,6 @@ def test_accepted_sleep_moves_the_new_classes_into_the_head(base_bundle):
         assert report.loss_last < report.loss_first
         assert 0 < report.episodes_decayed <= report.episodes_train
         assert report.episodes_evicted == 0 and len(L.memory) == n_episodes
-        assert 0 < report.duration_s < 30
         json.dumps(report.to_dict())                                   # event-ready
         # Scheduled forgetting: replayed episodes lost strength, held-out ones did not.
         s = _strengths(L)
@@ -74,7 +72,8 @@ def test_accepted_sleep_moves_the_new_classes_into_the_head(base_bundle):
         assert L.stats()["adapter_version"] == 1
 
         again = L.sleep(budget_s=30)                   # nothing new: the gate still holds
-        assert again.acc_before.n_new == 0 and again.adapter_version in (1, 2)
+        assert again.acc_before.n_new == 0
+        assert again.accepted and again.adapter_version == L.adapted_head.version == 2, again
 
 
 def test_the_gate_rolls_back_a_bad_adapter(base_bundle):
@@ -104,45 +103,67 @@ def test_a_tight_bound_rejects_what_a_loose_one_accepts(base_bundle):
     loose = SleepConfig(replay_samples=300, max_old_drop=1.0, max_overall_drop=1.0,
                         max_class_drop=1.0, lr=0.05, max_grad_norm=0.0, distill_weight=0.0)
     strict = SleepConfig(**{**loose.__dict__, "max_old_drop": 0.01, "max_overall_drop": 1.0})
+    # only the overall rule is tight: the old-class and per-class rules let it pass
+    overall = SleepConfig(**{**loose.__dict__, "max_overall_drop": 0.0})
     reports = []
-    for cfg in (loose, strict):
+    for cfg in (loose, strict, overall):
         with _learner(base_bundle, sleep=cfg) as L:
             _teach(L)
             reports.append((L.sleep(budget_s=30), L.adapted_head.version))
-    (a, version_a), (b, version_b) = reports
-    assert a.acc_after == b.acc_after and a.acc_after.old < a.acc_before.old - 0.01
+    (a, version_a), (b, version_b), (c, version_c) = reports
+    assert a.acc_after == b.acc_after == c.acc_after
+    assert a.acc_after.old < a.acc_before.old - 0.01
+    assert a.acc_after.all < a.acc_before.all
     assert a.accepted and version_a == 1
     assert not b.accepted and version_b == 0
     assert b.reason.startswith("gate: old-class accuracy fell") and "allowed drop 0.010" in b.reason
+    assert not c.accepted and version_c == 0
+    assert c.reason.startswith("gate: overall accuracy fell") and "allowed drop 0.000" in c.reason
 
 
-def test_a_stop_event_preempts_within_100_ms_and_predictions_go_on(base_bundle):
+def test_a_stop_event_preempts_at_the_next_step_and_predictions_go_on(base_bundle,
+                                                                      monkeypatch):
+    """The stop flag is checked before every training step (one step is ~1 ms, hence the
+    ~100 ms promise): counted in steps, not measured in wall-clock time."""
+    from agent.sleep import consolidate
+
     endless = SleepConfig(replay_samples=10**9)
+    stop = threading.Event()
+    steps, late = [], []
+    training = threading.Event()
+    real_step = consolidate.kernels.train_step
+
+    def counting_step(*args):
+        if stop.is_set():
+            late.append(len(steps))
+        steps.append(1)
+        if len(steps) == 5:
+            training.set()
+        return real_step(*args)
+
+    monkeypatch.setattr(consolidate.kernels, "train_step", counting_step)
     with _learner(base_bundle, sleep=endless) as L:
         _teach(L)
         head = L.adapted_head
         probe = windows("tilt", 8, seed=3)
         expected = [p.probs for p in L.predict_many(probe)]
         strengths = _strengths(L)
-        stop = threading.Event()
         out = {}
         sleeper = threading.Thread(target=lambda: out.update(r=L.sleep(60, stop_event=stop)))
         sleeper.start()
-        time.sleep(0.5)                                 # well into training
-        assert sleeper.is_alive()
+        assert training.wait(30)                        # well into training
         for _ in range(5):                              # predictions use the current head
             np.testing.assert_array_equal([p.probs for p in L.predict_many(probe)], expected)
         busy = L.sleep(1.0)
         assert not busy.accepted and busy.reason.startswith("busy")
-        t0 = time.perf_counter()
         stop.set()
-        sleeper.join(5.0)
-        elapsed = time.perf_counter() - t0
+        sleeper.join(60)
         assert not sleeper.is_alive()
-        assert elapsed < 0.5, f"stopped {elapsed * 1e3:.0f} ms after the event (target 100 ms)"
+        # at most the one step whose check raced the set() started after it
+        assert len(late) <= 1, late
         report = out["r"]
         assert report.preempted and not report.accepted and report.reason == "preempted"
-        assert report.samples_replayed > 0                # it was stopped mid-training
+        assert report.steps == len(steps) and report.samples_replayed > 0
         assert L.adapted_head is head and report.adapter_version == 0
         np.testing.assert_array_equal(_strengths(L), strengths)
 
