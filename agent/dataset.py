@@ -33,6 +33,7 @@ It is shared with the other NPZ readers (bundle exemplars) through its ``error``
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import zipfile
@@ -127,8 +128,9 @@ def _labels(y: np.ndarray, key: str, n: int, classes: tuple[str, ...] | None
     raise DatasetError(f"{key}: expected integer or string labels, got dtype {y.dtype}")
 
 
-def read_npz(path: str | Path, error: type[ReverieError] = DatasetError, *,
-             max_bytes: int = MAX_NPZ_BYTES) -> dict[str, np.ndarray]:
+def read_npz(path: str | Path | bytes, error: type[ReverieError] = DatasetError, *,
+             max_bytes: int = MAX_NPZ_BYTES,
+             name: str | Path | None = None) -> dict[str, np.ndarray]:
     """Every array of an ``.npz`` file by key; `error` (e.g. DatasetError, BundleError)
     names the member for anything that is not a plain ``.npy`` array whose header matches
     the bytes it holds: no pickle (object dtype), no allocation beyond what the member
@@ -137,9 +139,11 @@ def read_npz(path: str | Path, error: type[ReverieError] = DatasetError, *,
     >>> read_npz("data.npz")["X"].shape             # doctest: +SKIP
     (600, 6, 128)
     """
-    path = Path(path)
+    source = io.BytesIO(path) if isinstance(path, bytes | bytearray) else Path(path)
+    path = Path(name) if name is not None else (
+        source if isinstance(source, Path) else Path("<bytes>"))
     try:
-        zf = zipfile.ZipFile(path)
+        zf = zipfile.ZipFile(source)
     except _ZIP_ERRORS as exc:
         raise error(f"{path}: not a readable .npz (zip) file ({exc})") from None
     arrays: dict[str, np.ndarray] = {}

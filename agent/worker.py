@@ -374,8 +374,8 @@ class Worker:
                 item.new_class |= r.new_class
             # Group commit: the windows were logged without fsync; one fsync makes them
             # all durable before the PUBACK.
-            if learner is not None and learner.state is not None:
-                learner.state.sync()
+            if learner is not None:
+                learner.sync()
         except InputError as exc:
             self.reject(msg, "bad_label", f"label {lab.id!r}: {exc}")
             d.ack(msg)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.bundle import Bundle, load_bundle
-from agent.errors import InputError, ReverieError
+from agent.errors import BundleError, InputError, ReverieError
 from agent.head import Head
 from agent.inference import Encoder, softmax
 from agent.learner import fusion, kernels
@@ -108,7 +108,7 @@ class Learner:
         # Digests of the label keys already learned, oldest first (`key_digest`: a hostile
         # key of 256 emoji costs 32 bytes here and in a checkpoint, like any other).
         self._seen: dict[str, None] = {}
-        self.head = Head.from_npz(bundle.file("head.npz"), bundle.manifest)   # frozen base
+        self.head = Head.from_bundle(bundle)        # frozen base, from the hashed bytes
         # The slow system predictions use; replaced (never mutated) by an accepted sleep.
         self.adapted_head = AdaptedHead.fresh(self.head, config.sleep.rank, config.seed)
         self._sleep_lock = threading.Lock()
@@ -225,8 +225,11 @@ class Learner:
     def _make_coder(self, exemplars) -> SparseCoder:
         files = self.bundle.manifest["files"]
         if self.config.use_sae and "sae.npz" in files:
-            with np.load(self.bundle.file("sae.npz"), allow_pickle=False) as z:
-                return SparseCoder.from_sae(z["W_enc"], z["b_enc"], int(z["k"]))
+            from agent.dataset import read_npz
+
+            z = read_npz(self.bundle.data("sae.npz"), BundleError,
+                         name=self.bundle.file("sae.npz"))
+            return SparseCoder.from_sae(z["W_enc"], z["b_enc"], int(z["k"]))
         center = None if exemplars is None else exemplars["latent_mean"]
         return SparseCoder(self.latent_dim, self.config.sparse, center=center)
 
@@ -637,6 +640,12 @@ class Learner:
             other.recover()
             arrays, files, info = snapshot(self)
             return other.checkpoint(arrays, files, info)
+
+    def sync(self) -> None:
+        """Make every log record written so far durable (one fsync): the group commit of
+        a caller that learns with ``durable=False`` (the daemon, per label message)."""
+        if self.state is not None:
+            self.state.sync()
 
     def close(self) -> None:
         if self.state is not None:

@@ -48,7 +48,9 @@ def load_exemplars(bundle: Bundle, latent_dim: int) -> dict[str, np.ndarray]:
     from agent.dataset import read_npz
 
     path = bundle.file("exemplars.npz")
-    z = read_npz(path, BundleError)        # plain arrays only; sizes checked before reading
+    # The bytes load_bundle hashed (a file swapped on disk afterwards is never read);
+    # plain arrays only, sizes checked before reading.
+    z = read_npz(bundle.data("exemplars.npz"), BundleError, name=path)
     missing = [k for k in ("latents", "labels", "latent_mean") if k not in z]
     if missing:
         raise BundleError(f"{path}: not a readable exemplars file (no {missing})")

@@ -77,9 +77,10 @@ class StateDir:
             raise fsio.state_error("open the state directory", self.root, exc) from exc
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
+        except OSError:
             os.close(self._lock_fd)
-            raise StateError(f"{self.root} is in use by another process (LOCK is held)") from exc
+            raise StateError(f"{self.root} is in use by another process (LOCK is held): stop "
+                             "the daemon that uses it, or use another state directory") from None
         try:
             self.store = CheckpointStore(self.root, keep=keep_checkpoints,
                                          max_bytes=max_checkpoint_bytes)

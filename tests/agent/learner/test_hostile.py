@@ -95,3 +95,22 @@ def test_new_classes_are_bounded_in_number_and_rate(base_bundle):
         with pytest.raises(InputError, match="max_new_classes_per_hour=2"):
             L.learn_one(x, "c")
         assert L.classes[-2:] == ["a", "b"]
+
+
+def test_files_swapped_after_the_bundle_was_loaded_are_never_read(base_bundle, tmp_path):
+    """A learner built after head.npz / exemplars.npz were replaced on disk uses the bytes
+    load_bundle hashed (issue 13: a swapped head.npz was used by a new per-device learner)."""
+    import shutil
+
+    from agent.bundle import load_bundle
+
+    copy = tmp_path / "b"
+    shutil.copytree(base_bundle, copy)
+    bundle = load_bundle(copy)
+    with Learner(bundle, LearnerConfig(capacity=100)) as before:
+        want = before.predict_many(windows("run", 3, seed=1))
+    for name in ("head.npz", "exemplars.npz"):
+        (copy / name).write_bytes(b"not an npz at all")
+    with Learner(bundle, LearnerConfig(capacity=100)) as after:
+        got = after.predict_many(windows("run", 3, seed=1))
+    np.testing.assert_allclose([p.probs for p in got], [p.probs for p in want])
