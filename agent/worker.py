@@ -244,8 +244,8 @@ class Worker:
             m.novelty.inc()
             d.publish_event(
                 device, type="novelty", reason="far_from_memory",
-                detail=f"window {w.index}: cosine distance {extra['novelty_score']:.3f} "
-                "to the nearest stored episode", window=w.index,
+                detail=f"window {w.index}: novelty {extra['novelty_score']:.3f} (1 - p under "
+                "this device's known-class calibration)", window=w.index,
                 score=extra["novelty_score"])
 
     # ------------------------------------------------------------------ labels
