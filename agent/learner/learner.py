@@ -374,13 +374,13 @@ class Learner:
                                 for kn, a in zip(knn, assoc, strict=True)])
             P[0], _ = fusion.fuse_batch(p_head, knn)
             P[1] = knn
+        p_schema, schema_dist = self.memory.schema_posterior_and_distance(
+            centred, n_classes, cfg.schema_temperature)                      # (B, K), (B,)
         if cfg.schema_weight > 0:
-            P[2] = self.memory.schema_posterior(centred, n_classes,
-                                                cfg.schema_temperature)      # (B, K)
+            P[2] = p_schema
         P[3], _ = fusion.mix_readouts(P[:3], self._pool_prior, p_head)
         raw = np.stack([dist[:, 0].astype(np.float64) if dist.shape[1]
-                        else np.full(latents.shape[0], np.inf),
-                        self.memory.schema_distance(centred)], axis=1)        # (B, 2)
+                        else np.full(latents.shape[0], np.inf), schema_dist], axis=1)  # (B, 2)
         return P, p_head, raw
 
     def _fusion_weights(self) -> np.ndarray:

@@ -261,6 +261,14 @@ class EpisodicMemory:
         with self._lock:
             return self.schema.posterior(x, n_classes, temperature)
 
+    def schema_posterior_and_distance(self, latents: np.ndarray, n_classes: int,
+                                      temperature: float = 1.0
+                                      ) -> tuple[np.ndarray, np.ndarray]:
+        """`schema_posterior` and `schema_distance` in one pass (the predict path)."""
+        x = float_array(latents, name="latents", shape=(None, self.config.dim))
+        with self._lock:
+            return self.schema.posterior_and_distance(x, n_classes, temperature)
+
     def schema_distance(self, latents: np.ndarray) -> np.ndarray:
         """`SchemaReadout.distance`: latents (B, dim) -> (B,) squared Mahalanobis distance
         to the nearest class mean, per dimension (+inf before any observation)."""

@@ -162,16 +162,29 @@ class SchemaReadout:
                   temperature: float = 1.0) -> np.ndarray:
         """latents (B, d) -> (B, n_classes) f64 rows summing to 1 over the classes observed
         (< n_classes), all zeros when none is."""
-        out = np.zeros((latents.shape[0], n_classes))
+        return self.posterior_and_distance(latents, n_classes, temperature)[0]
+
+    def posterior_and_distance(self, latents: np.ndarray, n_classes: int,
+                               temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """`posterior` and `distance` from one pass over the class scores (the predict
+        path needs both: the LDA scores are computed once)."""
+        B = latents.shape[0]
+        out = np.zeros((B, n_classes))
         seen, W, b = self._weights()
+        if not seen.shape[0]:
+            return out, np.full(B, np.inf)
+        x = latents.astype(np.float64)                                      # (B, d)
+        scores = x @ W.T + b                                                # (B, k)
+        dof = max(float(self.counts_.sum()) - seen.shape[0], 1.0)
+        quad = dof * np.einsum("bd,de,be->b", x, self.precision_, x)        # (B,)
+        dist = np.maximum(quad - 2.0 * scores.max(axis=1), 0.0) / self.dim
         seen_here = seen < n_classes
-        if not seen_here.any():
-            return out
-        z = (latents.astype(np.float64) @ W[seen_here].T + b[seen_here]) / temperature  # (B, k)
-        z -= z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        out[:, seen[seen_here]] = e / e.sum(axis=1, keepdims=True)
-        return out
+        if seen_here.any():
+            z = scores[:, seen_here] / temperature
+            z -= z.max(axis=1, keepdims=True)
+            e = np.exp(z)
+            out[:, seen[seen_here]] = e / e.sum(axis=1, keepdims=True)
+        return out, dist
 
     def distance(self, latents: np.ndarray) -> np.ndarray:
         """latents (B, d) -> (B,) the squared Mahalanobis distance to the nearest class

@@ -90,3 +90,25 @@ def faulty_disk(monkeypatch):
     def make(**kwargs):
         return FaultyDisk(monkeypatch, **kwargs)
     return make
+
+
+@pytest.fixture
+def start_daemon(broker_url, broker):
+    """``start(bundle, device, protocol=None, **config)``: a started, connected `Daemon` on
+    the test broker (config as `tests.agent.test_daemon.agent_config`), stopped at the end."""
+    from agent.daemon import Daemon
+    from tests.agent.test_daemon import agent_config
+
+    made = []
+
+    def start(bundle, device, protocol=None, **kw):
+        d = Daemon(agent_config(bundle, broker_url, device, protocol or broker.protocols[-1],
+                                **kw))
+        made.append(d)
+        d.start()
+        assert d.wait_connected(10)
+        return d
+
+    yield start
+    for d in made:
+        d.stop()

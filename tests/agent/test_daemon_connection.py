@@ -104,12 +104,8 @@ def test_a_daemon_without_its_broker_says_why(sim_bundle, unique_device):
 
 
 @pytest.fixture
-def daemon(sim_bundle, broker_url, broker, unique_device):
-    d = Daemon(agent_config(sim_bundle, broker_url, unique_device, broker.protocols[-1]))
-    d.start()
-    assert d.wait_connected(10)
-    yield d
-    d.stop()
+def daemon(sim_bundle, start_daemon, unique_device):
+    return start_daemon(sim_bundle, unique_device)
 
 
 def test_a_device_of_refused_frames_gets_one_event_with_a_count(daemon, mqtt_collector,

@@ -34,19 +34,8 @@ def events(probe, topic, type_=None):
 
 
 @pytest.fixture
-def make_daemon(base_bundle, broker_url, broker):
-    made = []
-
-    def make(device, **kw):
-        d = Daemon(agent_config(base_bundle, broker_url, device, broker.protocols[-1], **kw))
-        made.append(d)
-        d.start()
-        assert d.wait_connected(10)
-        return d
-
-    yield make
-    for d in made:
-        d.stop()
+def make_daemon(base_bundle, start_daemon):
+    return lambda device, **kw: start_daemon(base_bundle, device, **kw)
 
 
 def test_labels_teach_a_new_class_and_predictions_show_it(make_daemon, mqtt_collector,

@@ -18,31 +18,17 @@ import numpy as np
 import pytest
 
 from agent.config import IngestConfig
-from agent.daemon import Daemon
 from agent.protocol import encode_frame_binary
 from agent.topics import Topics
 from agent.value_range import ValueRange
-from tests.agent.test_daemon import agent_config
 from tests.agent.test_daemon_learning import events, send, stream
 
 GOOD = ("g1", "g2", "g3")
 
 
 @pytest.fixture
-def gateway(base_bundle, broker_url, broker, tmp_path):
-    made = []
-
-    def make(prefix, **kw):
-        d = Daemon(agent_config(base_bundle, broker_url, "+", broker.protocols[-1],
-                                prefix=prefix, **kw))
-        made.append(d)
-        d.start()
-        assert d.wait_connected(10)
-        return d
-
-    yield make
-    for d in made:
-        d.stop()
+def gateway(base_bundle, start_daemon):
+    return lambda prefix, **kw: start_daemon(base_bundle, "+", prefix=prefix, **kw)
 
 
 def _hostile(seq: int) -> bytes:

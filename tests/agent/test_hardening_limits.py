@@ -30,20 +30,8 @@ from tests.agent.test_daemon_learning import events, send, stream
 
 
 @pytest.fixture
-def make_daemon(base_bundle, broker_url, broker):
-    made = []
-
-    def make(device, protocol=None, **kw):
-        d = Daemon(agent_config(base_bundle, broker_url, device,
-                                protocol or broker.protocols[-1], **kw))
-        made.append(d)
-        d.start()
-        assert d.wait_connected(10)
-        return d
-
-    yield make
-    for d in made:
-        d.stop()
+def make_daemon(base_bundle, start_daemon):
+    return lambda device, protocol=None, **kw: start_daemon(base_bundle, device, protocol, **kw)
 
 
 def test_a_label_of_many_windows_costs_one_fsync(make_daemon, mqtt_collector, unique_device,

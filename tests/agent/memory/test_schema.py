@@ -218,3 +218,15 @@ def test_leave_one_out_distances_match_refitting_without_the_latent():
     _, plain = s.class_distances(Xs)
     own = np.arange(11), y[:11]
     assert (d2[own] > plain[own]).all()     # to its own class, a seen latent looks closer
+
+
+def test_posterior_and_distance_in_one_pass_equal_the_separate_calls():
+    rng = np.random.default_rng(8)
+    s = SchemaReadout(dim=5)
+    for x, c in zip(rng.standard_normal((40, 5)), rng.integers(0, 4, 40), strict=True):
+        s.observe(x + c, int(c))
+    Q = rng.standard_normal((6, 5)) * 3
+    p, dist = s.posterior_and_distance(Q, 3, temperature=2.0)   # class 3 outside n_classes
+    np.testing.assert_allclose(p, s.posterior(Q, 3, temperature=2.0))
+    _, d2 = s.class_distances(Q)
+    np.testing.assert_allclose(dist, d2.min(axis=1), rtol=1e-9, atol=1e-12)
